@@ -1,0 +1,27 @@
+"""diversed: relaxed speculative decoding (DIVERSED, Wang, Kasa et al., AISTATS 2026).
+
+Convention: the ensemble weight `w` is the weight on the **target** (w = 1 is lossless).
+"""
+
+from .engine import GenerationConfig, decode
+from .errors import DiversedError, HeadMismatchError, ModelLoadError, PairMismatchError, UserInputError
+from .generation import GenerationResult, MethodSpec, build_verifier, encode_prompt, generate, start_generation
+from .head import EnsembleHead, HeadConfig, PairSignature, load_head
+from .metrics import Metrics, ideal_speedup
+from .models import ModelPair, load_pair
+from .sampling import SamplingParams
+from .verifiers import (
+    DynamicEnsemble,
+    Exact,
+    Lenient,
+    SpeculativeCascade,
+    StaticEnsemble,
+    TypicalAcceptance,
+    Verifier,
+    VerifyContext,
+    make_verifier,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [name for name in dir() if not name.startswith("_")]

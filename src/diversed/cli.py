@@ -1,0 +1,175 @@
+"""`diversed` command line: thin over the library. User mistakes exit 2 with one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .errors import DiversedError, UserInputError
+from .generation import MethodSpec, build_verifier, default_method, start_generation
+from .engine import GenerationConfig
+from .head import resolve_head_path
+from .models import DTYPES, load_pair
+from .sampling import SamplingParams
+from .verifiers import CASCADE_RULES, METHODS, make_verifier
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--target/--draft/--dtype, shared by every command that loads a pair."""
+    group = parser.add_argument_group("models (default: the embedded Qwen2.5-Coder 1.5B/0.5B pair)")
+    group.add_argument("--target", help="target model: Hugging Face id, local directory or .gguf file")
+    group.add_argument("--draft", help="draft model (same vocabulary as the target)")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default: bfloat16)")
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """--method and its knobs, shared by `generate` and the server's defaults."""
+    group = parser.add_argument_group("verification method")
+    group.add_argument("--method", choices=METHODS, help="default: diversed with a shipped head for the pair, else static w=0.7")
+    group.add_argument("--weight", type=float, help="static ensemble target weight w in (0, 1]; w=1 is lossless (default 0.7)")
+    group.add_argument("--head", help="diversed: ensemble-head path or shipped head name")
+    group.add_argument("--lenience", type=float, help="lenient: l in (0, 1] (default 0.5); cascade: alpha (default 0.1)")
+    group.add_argument("--rule", choices=sorted(CASCADE_RULES), help="cascade deferral rule (default token)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--draft-length", "-N", type=int, default=5, help="draft tokens per round N (default 5)")
+    group.add_argument("--temperature", "-T", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    group.add_argument("--top-k", type=int, default=0, help="0 disables (default)")
+    group.add_argument("--top-p", type=float, default=1.0, help="1.0 disables (default)")
+    group.add_argument("--max-new-tokens", type=int, default=128)
+    group.add_argument("--seed", type=int, help="makes sampling reproducible")
+
+
+def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
+    """The user's method, validated before any model loads; None means 'use the default'."""
+    method = args.method or ("static" if args.weight is not None else None)
+    if method is None:
+        if args.head is not None:
+            method = "diversed"
+        else:
+            return None
+    misplaced = [
+        flag
+        for flag, value, owners in (
+            ("--weight", args.weight, {"static"}),
+            ("--head", args.head, {"diversed"}),
+            ("--lenience", args.lenience, {"lenient", "cascade"}),
+            ("--rule", args.rule, {"cascade"}),
+        )
+        if value is not None and method not in owners
+    ]
+    if misplaced:
+        raise UserInputError(f"{', '.join(misplaced)} does not apply to --method {method}")
+    spec = MethodSpec(method, weight=args.weight, lenience=args.lenience, rule=args.rule, head=args.head)
+    if method == "diversed":
+        if not args.head:
+            raise UserInputError("--method diversed needs --head (a path or a shipped head name)")
+        resolve_head_path(args.head)
+    else:
+        make_verifier(method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule)  # validates the knobs
+    return spec
+
+
+def config_from_args(args: argparse.Namespace, stop: tuple[str, ...] = ()) -> GenerationConfig:
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    return GenerationConfig(args.max_new_tokens, args.draft_length, sampling, args.seed, stop)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UserInputError("the prompt is empty")
+    spec = method_spec_from_args(args)
+    config = config_from_args(args)
+    needs_draft = spec is None or spec.method != "ar"
+    pair = load_pair(args.target, args.draft, args.dtype, with_draft=needs_draft)
+    if spec is None:
+        spec, why = default_method(pair)
+        print(f"note: {why}", file=sys.stderr)
+    verifier = build_verifier(pair, spec)
+    generation = start_generation(pair, args.prompt, spec, config, raw=args.raw, verifier=verifier)
+    for delta in generation:
+        if args.stream and args.json:
+            print(json.dumps({"text_delta": delta}), flush=True)
+        elif args.stream:
+            print(delta, end="", flush=True)
+    result = generation.result
+    assert result is not None
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    if args.stream:
+        print()
+    else:
+        print(result.text)
+    print(summary_line(result), file=sys.stderr)
+    return 0
+
+
+def summary_line(result) -> str:
+    m = result.metrics
+    parts = [f"method {result.method}", f"{m.new_tokens} tokens in {m.seconds:.1f}s ({m.tokens_per_second or 0:.2f} tok/s)"]
+    if m.acceptance_rate is not None:
+        parts += [
+            f"acceptance {m.acceptance_rate:.1%}",
+            f"mean accepted length {m.mean_accepted_length:.2f}",
+            f"estimated bias {m.estimated_bias:.3f}",
+        ]
+    return "[" + " · ".join(parts) + "]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diversed", description="Relaxed speculative decoding (DIVERSED).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("prompt")
+    add_model_args(gen)
+    add_method_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--raw", action="store_true", help="feed the prompt as-is (default: the target's chat template)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are committed")
+    gen.add_argument("--json", action="store_true", help='print one JSON object {"text","token_ids","method","metrics"}')
+    gen.set_defaults(handler=cmd_generate)
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules (evaluate, train, server) register their subcommands here.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _register_optional_commands() -> None:
+    import importlib
+
+    for module in ("diversed.evaluate", "diversed.train", "diversed.server"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue  # that part of the project is not built (or not installed)
+            raise
+        _EXTRA_COMMANDS.append(mod.register_cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_optional_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except DiversedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

