@@ -147,6 +147,8 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 def _register_optional_commands() -> None:
     import importlib
 
+    if _EXTRA_COMMANDS:
+        return  # already registered (main() may be called many times in one process)
     for module in ("diversed.evaluate", "diversed.train", "diversed.server"):
         try:
             mod = importlib.import_module(module)

@@ -37,6 +37,7 @@ class GenerationConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer; see `generate`)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -234,7 +235,7 @@ def decode(
                 n = max(1, min(config.draft_length, remaining - 1))
                 outcome = speculative_round(target, draft, verifier, committed, n, params, generator, metrics)
             tokens = outcome.tokens[:remaining]
-            eos_at = next((i for i, t in enumerate(tokens) if t in eos_token_ids), None)
+            eos_at = None if config.ignore_eos else next((i for i, t in enumerate(tokens) if t in eos_token_ids), None)
             if eos_at is not None:
                 tokens = tokens[:eos_at]
             committed.extend(tokens)

@@ -10,6 +10,7 @@ This is the layer the CLI, the evaluator and the server all call:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -156,7 +157,7 @@ class Generation:
         if budget < 1:
             raise UserInputError(f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context window ({self.pair.context_window})")
         if config.max_new_tokens > budget:
-            config = GenerationConfig(budget, config.draft_length, config.sampling, config.seed, config.stop)
+            config = dataclasses.replace(config, max_new_tokens=budget)
         token_ids: list[int] = []
         released = ""
         finish_reason = "length"

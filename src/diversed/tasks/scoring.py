@@ -1,0 +1,60 @@
+"""Metric helpers shared by tasks: ROUGE-2, BLEU and running code against tests.
+
+Each wraps the field's standard library (rouge-score, sacrebleu, the sandbox) so every task
+computes a metric the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Sequence
+
+from ..sandbox import Limits, run_python
+
+CODE_LIMITS = Limits(seconds=10.0)
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(completion: str) -> str:
+    """The code in a completion: its first ```python block (else its first ``` block), else the text.
+
+    An unclosed fence (a truncated completion) yields everything after it.
+    """
+    blocks = _FENCE.findall(completion)
+    for language, body in blocks:
+        if language.lower() in ("python", "py", "python3"):
+            return body
+    return blocks[0][1] if blocks else completion
+
+
+def passes(program: str, limits: Limits = CODE_LIMITS) -> float:
+    """1.0 if the program (solution + asserts) exits cleanly in the sandbox, else 0.0."""
+    return 1.0 if run_python(program, limits).passed else 0.0
+
+
+@functools.cache
+def _rouge2_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
+
+
+def rouge2(prediction: str, reference: str) -> float:
+    """ROUGE-2 F1 x 100 (rouge-score, Porter stemming)."""
+    return 100.0 * _rouge2_scorer().score(reference, prediction)["rouge2"].fmeasure
+
+
+def sentence_bleu(hypothesis: str, reference: str) -> float:
+    """sacreBLEU sentence BLEU (0-100) with the default 13a tokenizer and exp smoothing."""
+    import sacrebleu
+
+    return float(sacrebleu.sentence_bleu(hypothesis, [reference]).score)
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """sacreBLEU corpus BLEU (0-100): the figure WMT papers report."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
