@@ -71,7 +71,7 @@ def measure_step_costs(pair, prompt_ids: list[int], n: int, repeats: int = 5) ->
 
 
 class CallCounter:
-    """Counts forward calls of a module (HF's target calls = prefill + rounds)."""
+    """Counts forward calls of a module (HF's first target call includes the prompt, so calls = rounds)."""
 
     def __init__(self, module: torch.nn.Module):
         self.calls = 0
@@ -112,7 +112,7 @@ def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
     seconds = time.perf_counter() - start
     counter.close()
     new_tokens = out.shape[1] - len(prompt_ids)
-    return {"new_tokens": new_tokens, "seconds": seconds, "rounds": counter.calls - 1, "drafted": None, "accepted": None}
+    return {"new_tokens": new_tokens, "seconds": seconds, "rounds": counter.calls, "drafted": None, "accepted": None}
 
 
 def run_ours(pair, prompt_ids: list[int], spec: MethodSpec, args) -> dict:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA
 from diversed import cli
 from diversed.evaluate import ROWS_FILE, example_seed, mean_ci, verified_positions
 from diversed.generation import encode_prompt
@@ -17,25 +16,11 @@ from diversed.metrics import Metrics
 from diversed.sampling import SamplingParams, logits_to_probs
 from diversed.tasks import get_task
 
+from .conftest import SHARED_DATA
+
 FIXTURES = Path(__file__).parent / "fixtures"
 METHODS = ["ar", "exact", "static:0.5", "static:0.9"]
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"benchmark data folder {SHARED_DATA} is absent")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: extra threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def run_cli(args: list[str], monkeypatch) -> int:
-    # cli.main registers the optional subcommands into a module-level list on every call;
-    # give each call a fresh list so two calls in one process do not register them twice.
-    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [])
-    return cli.main(args)
 
 
 def eval_args(tiny_model_dirs, out: Path, *extra: str, task: str = "gsm8k", data_dir: Path = SHARED_DATA, methods=METHODS, n: int = 2) -> list[str]:
@@ -55,8 +40,12 @@ def read_rows(out: Path) -> list[dict]:
 def gsm8k_run(tiny_model_dirs, tmp_path_factory):
     """One finished eval run; tests that modify it work on a copy."""
     out = tmp_path_factory.mktemp("eval") / "gsm8k"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        assert run_cli(eval_args(tiny_model_dirs, out), monkeypatch) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest does for each test; this fixture runs before it
+    try:
+        assert cli.main(eval_args(tiny_model_dirs, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -110,17 +99,17 @@ def test_eval_summary_table_and_plot(gsm8k_run):
 
 
 @needs_shared_data
-def test_eval_resumes_without_redoing_finished_rows(gsm8k_run, tiny_model_dirs, tmp_path, monkeypatch):
+def test_eval_resumes_without_redoing_finished_rows(gsm8k_run, tiny_model_dirs, tmp_path):
     out = copy_run(gsm8k_run, tmp_path)
     before = (out / ROWS_FILE).read_text()
-    assert run_cli(eval_args(tiny_model_dirs, out), monkeypatch) == 0
+    assert cli.main(eval_args(tiny_model_dirs, out)) == 0
     assert (out / ROWS_FILE).read_text() == before  # nothing to do: no new rows
 
     lines = before.splitlines(keepends=True)
     half = len(lines) // 2
     # Interrupted mid-write: half the rows and a cut-off line.
     (out / ROWS_FILE).write_text("".join(lines[:half]) + lines[half][:25])
-    assert run_cli(eval_args(tiny_model_dirs, out), monkeypatch) == 0
+    assert cli.main(eval_args(tiny_model_dirs, out)) == 0
     after = (out / ROWS_FILE).read_text().splitlines(keepends=True)
     assert after[:half] == lines[:half]  # kept rows untouched
     assert len(after) == len(lines)  # only the missing rows were added
@@ -131,9 +120,9 @@ def test_eval_resumes_without_redoing_finished_rows(gsm8k_run, tiny_model_dirs, 
 
 
 @needs_shared_data
-def test_eval_adds_methods_and_examples_to_a_run(gsm8k_run, tiny_model_dirs, tmp_path, monkeypatch):
+def test_eval_adds_methods_and_examples_to_a_run(gsm8k_run, tiny_model_dirs, tmp_path):
     out = copy_run(gsm8k_run, tmp_path)
-    assert run_cli(eval_args(tiny_model_dirs, out, methods=["ar", "static:0.7"], n=3), monkeypatch) == 0
+    assert cli.main(eval_args(tiny_model_dirs, out, methods=["ar", "static:0.7"], n=3)) == 0
     rows = read_rows(out)
     assert len(rows) == len(METHODS) * 2 + 1 + 3  # static:0.7 on 3 examples, ar on the new one
     summary = json.loads((out / "summary.json").read_text())
@@ -142,18 +131,18 @@ def test_eval_adds_methods_and_examples_to_a_run(gsm8k_run, tiny_model_dirs, tmp
 
 
 @needs_shared_data
-def test_eval_refuses_to_mix_settings(gsm8k_run, tiny_model_dirs, tmp_path, monkeypatch, capsys):
+def test_eval_refuses_to_mix_settings(gsm8k_run, tiny_model_dirs, tmp_path, capsys):
     out = copy_run(gsm8k_run, tmp_path)
-    assert run_cli(eval_args(tiny_model_dirs, out, "--temperature", "0.5"), monkeypatch) == 2
+    assert cli.main(eval_args(tiny_model_dirs, out, "--temperature", "0.5")) == 2
     error = capsys.readouterr().err
     assert "other settings" in error and "temperature" in error
     assert len(read_rows(out)) == len(METHODS) * 2
 
 
-def test_eval_on_cnn_dailymail_fixture(tiny_model_dirs, tmp_path, monkeypatch):
+def test_eval_on_cnn_dailymail_fixture(tiny_model_dirs, tmp_path):
     out = tmp_path / "cnn"
     args = eval_args(tiny_model_dirs, out, task="cnn_dailymail", data_dir=FIXTURES, methods=["ar", "static:0.7"], n=2)
-    assert run_cli(args, monkeypatch) == 0
+    assert cli.main(args) == 0
     rows = read_rows(out)
     assert len(rows) == 4
     assert all(0.0 <= r["score"] <= 100.0 for r in rows)
@@ -161,23 +150,23 @@ def test_eval_on_cnn_dailymail_fixture(tiny_model_dirs, tmp_path, monkeypatch):
     assert summary["metric"] == "rouge2" and (out / "pareto.png").is_file()
 
 
-def test_eval_user_errors_exit_2(tiny_model_dirs, tmp_path, monkeypatch, capsys):
-    assert run_cli(eval_args(tiny_model_dirs, tmp_path / "a", methods=["ar", "fast"]), monkeypatch) == 2
+def test_eval_user_errors_exit_2(tiny_model_dirs, tmp_path, capsys):
+    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "a", methods=["ar", "fast"])) == 2
     assert "unknown method 'fast'" in capsys.readouterr().err
-    assert run_cli(eval_args(tiny_model_dirs, tmp_path / "b", data_dir=tmp_path), monkeypatch) == 2
+    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "b", data_dir=tmp_path)) == 2
     assert "gsm8k_test.jsonl" in capsys.readouterr().err
-    assert run_cli(eval_args(tiny_model_dirs, tmp_path / "c", methods=["ar", "ar"]), monkeypatch) == 2
+    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "c", methods=["ar", "ar"])) == 2
     assert "twice" in capsys.readouterr().err
 
 
 @needs_shared_data
-def test_pareto_front_is_w_tv_and_one_minus_w_tv(gsm8k_run, tiny_model_dirs, tiny_pair, tmp_path, monkeypatch):
+def test_pareto_front_is_w_tv_and_one_minus_w_tv(gsm8k_run, tiny_model_dirs, tiny_pair, tmp_path):
     out = copy_run(gsm8k_run, tmp_path)  # holds an eval summary: its points go on the plot
     target, draft = tiny_model_dirs
     weights = [0.0, 0.25, 0.5, 0.75, 1.0]
     args = ["pareto", "--task", "gsm8k", "--n", "2", "--weights", ",".join(map(str, weights)), "--temperature", "0.8",
             "--out", str(out), "--data-dir", str(SHARED_DATA), "--target", str(target), "--draft", str(draft), "--dtype", "float32"]
-    assert run_cli(args, monkeypatch) == 0
+    assert cli.main(args) == 0
     front = json.loads((out / "front.json").read_text())
     assert (out / "front.png").stat().st_size > 1000
 
@@ -203,11 +192,11 @@ def test_pareto_front_is_w_tv_and_one_minus_w_tv(gsm8k_run, tiny_model_dirs, tin
         assert point["rejection"] + point["bias"] == pytest.approx(front["mean_tv"])
 
 
-def test_pareto_rejects_bad_weights(tiny_model_dirs, tmp_path, monkeypatch, capsys):
+def test_pareto_rejects_bad_weights(tiny_model_dirs, tmp_path, capsys):
     target, draft = tiny_model_dirs
     args = ["pareto", "--task", "wmt16", "--weights", "0.5,1.5", "--out", str(tmp_path), "--data-dir", str(FIXTURES),
             "--target", str(target), "--draft", str(draft)]
-    assert run_cli(args, monkeypatch) == 2
+    assert cli.main(args) == 2
     assert "--weights" in capsys.readouterr().err
 
 
@@ -221,3 +210,16 @@ def test_verified_positions_and_ci():
     low, high = mean_ci([0.0, 1.0] * 50)
     assert low < 0.5 < high and high - low < 0.3
     assert mean_ci([1.0]) == (1.0, 1.0)
+
+
+@needs_shared_data
+def test_prompts_too_long_for_the_context_are_skipped_for_every_method(tiny_pair):
+    from diversed.evaluate import encodable_examples
+
+    task = get_task("gsm8k")
+    examples = task.load("test", n=6, data_dir=SHARED_DATA)
+    # The tiny models have 512 positions; test-4's prompt is about 470 characters (= tokens).
+    kept, skipped = encodable_examples(tiny_pair, task, examples, raw=False, room=64)
+    assert skipped == ["test-4"]
+    assert [e.id for e, _ in kept] == [e.id for e in examples if e.id != "test-4"]
+    assert all(len(ids) + 64 <= tiny_pair.context_window for _, ids in kept)

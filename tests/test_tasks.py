@@ -10,11 +10,12 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from conftest import SHARED_DATA
 from diversed.errors import UserInputError
 from diversed.tasks import DATA_DIR_ENV, TASKS, Example, get_task
 from diversed.tasks.gsm8k import extract_answer, parse_number, reference_answer
 from diversed.tasks.scoring import extract_code
+
+from .conftest import SHARED_DATA
 
 FIXTURES = Path(__file__).parent / "fixtures"
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"benchmark data folder {SHARED_DATA} is absent")

@@ -70,8 +70,10 @@ def test_static_emits_mixture_on_the_pareto_line(pq, w):
     assert torch.allclose(rejection, w * tv, atol=ATOL)
     assert torch.allclose(bias, (1 - w) * tv, atol=ATOL)
     assert torch.allclose(rejection + bias, tv, atol=ATOL)  # exactly on the lowest line
-    # The residual is the lossless one for every w > 0 (v - q = w (p - q)).
-    assert torch.allclose(verifier.residual(p, q, VerifyContext()), Exact().residual(p, q, VerifyContext()), atol=1e-7)
+    # The residual is the lossless one for every w > 0 (v - q = w (p - q)); rows with p = q up to
+    # rounding fall back to v instead (a rejection there has probability ~0 anyway).
+    distinct = tv > 1e-9
+    assert torch.allclose(verifier.residual(p, q, VerifyContext())[distinct], Exact().residual(p, q, VerifyContext())[distinct], atol=1e-7)
 
 
 class FixedHead(torch.nn.Module):

@@ -24,8 +24,8 @@ import torch
 
 from .errors import UserInputError
 from .metrics import Metrics
-from .sampling import SamplingParams, choose, logits_to_probs, sample
-from .verifiers import Verifier, position_bias
+from .sampling import SamplingParams, choose, logits_to_probs, sample, total_variation
+from .verifiers import Verifier, emitted_distribution
 
 
 @dataclass(frozen=True)
@@ -128,22 +128,25 @@ def verify_block(
         ctx = verifier.context(draft_hidden, target_hidden[:n])
     else:
         ctx = verifier.context(None, None)
+    # Both tables serve twice: for the decision/recovery and for the bias of emitted positions.
+    acceptance = verifier.acceptance(p_block, q, ctx)  # [n, V]
+    residual = verifier.residual(p_block, q, ctx)  # [n, V]
     if params.greedy:
         accepted = verifier.greedy_accept(p_block, q, drafted, ctx)  # [n] bool
     else:
-        acceptance = verifier.acceptance(p_block, q, ctx).gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # [n]
-        accepted = torch.rand(n, generator=generator) < acceptance  # [n] bool
+        accept_drafted = acceptance.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # [n]
+        accepted = torch.rand(n, generator=generator) < accept_drafted  # [n] bool
     rejected = (~accepted).nonzero()
     k = int(rejected[0]) if rejected.numel() else n
     if k < n:
         if params.greedy:
             next_token = int(verifier.greedy_recovery(p_block, q, ctx)[k])
         else:
-            next_token = int(sample(verifier.residual(p_block, q, ctx)[k], generator))
+            next_token = int(sample(residual[k], generator))  # recovered token
     else:
         next_token = int(choose(p[n], params, generator))  # bonus token from p_{N+1}
-    emitted_positions = min(k + 1, n)
-    bias = float(position_bias(verifier, p_block, q, ctx)[:emitted_positions].sum())
+    m = min(k + 1, n)  # emitted positions: the accepted ones and the recovered one
+    bias = float(total_variation(emitted_distribution(q[:m], acceptance[:m], residual[:m]), p_block[:m]).sum())
     return k, next_token, bias
 
 

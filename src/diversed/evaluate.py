@@ -125,14 +125,24 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- running
 
 
-def encodable_examples(pair: ModelPair, task: Task, examples: Sequence[Example], raw: bool) -> tuple[list[tuple[Example, list[int]]], list[str]]:
-    """(example, prompt ids) for each example whose prompt fits the context, and the ids skipped."""
+def encodable_examples(
+    pair: ModelPair, task: Task, examples: Sequence[Example], raw: bool, room: int = 1
+) -> tuple[list[tuple[Example, list[int]]], list[str]]:
+    """(example, prompt ids) for each prompt that leaves `room` tokens in the context; and the ids skipped.
+
+    The same examples are skipped for every method (it depends on the prompt only), so the
+    methods stay comparable.
+    """
     kept, skipped = [], []
     for example in examples:
         try:
-            kept.append((example, encode_prompt(pair, task.prompt(example, raw), raw)))
+            ids = encode_prompt(pair, task.prompt(example, raw), raw)
         except UserInputError:
+            ids = None
+        if ids is None or len(ids) + room > pair.context_window:
             skipped.append(example.id)
+        else:
+            kept.append((example, ids))
     return kept, skipped
 
 
@@ -160,7 +170,8 @@ def run_eval(
     check_settings(out_dir, settings)
     rows_path = out_dir / ROWS_FILE
     done = {(row["example_id"], row["method"]) for row in load_rows(rows_path)}
-    prompts, skipped = encodable_examples(pair, task, examples, settings.raw)
+    # A round may draft N tokens and emit one more past the prompt.
+    prompts, skipped = encodable_examples(pair, task, examples, settings.raw, room=settings.draft_length + 2)
     if skipped:
         print(f"note: skipping {len(skipped)} example(s) whose prompt does not fit the context window: {', '.join(skipped[:5])}", file=sys.stderr)
     todo = [(example, ids, spec) for example, ids in prompts for spec in specs if (example.id, spec.label) not in done]
@@ -205,17 +216,23 @@ def _evaluate_one(pair: ModelPair, task: Task, example: Example, prompt_ids: lis
 
 
 @torch.inference_mode()
-def measure_cost_ratio(pair: ModelPair, prompt_ids: list[int], steps: int = 8) -> float:
-    """c = time of one draft step / one target step (single-token, KV-cached), for SPEC §6's ideal speedup."""
-    seconds = []
-    for model in (pair.draft, pair.target):
-        cached = CachedModel(model, pair.vocab_size)
-        cached.feed(prompt_ids, 1)  # prefill, and one warm step
-        started = time.perf_counter()
-        for _ in range(steps):
-            cached.feed(prompt_ids[-1:], 1)
-        seconds.append(time.perf_counter() - started)
-    return seconds[0] / seconds[1]
+def measure_cost_ratio(pair: ModelPair, prompt_ids: list[int], steps: int = 16) -> float:
+    """c = time of one draft step / one target step (single-token, KV-cached), for SPEC §6's ideal speedup.
+
+    The two models' steps alternate and the medians are compared, so a burst of load on a
+    shared machine does not land on one model only.
+    """
+    models = [CachedModel(model, pair.vocab_size) for model in (pair.draft, pair.target)]
+    for cached in models:
+        cached.feed(prompt_ids, 1)  # prefill
+    times: list[list[float]] = [[], []]
+    for _ in range(steps):
+        for cached, record in zip(models, times):
+            started = time.perf_counter()
+            logits, _ = cached.feed(prompt_ids[-1:], 1)
+            float(logits[0, 0])  # wait for the device to finish
+            record.append(time.perf_counter() - started)
+    return float(np.median(times[0]) / np.median(times[1]))
 
 
 # ----------------------------------------------------------------------------- summary
@@ -324,6 +341,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     notes = "\n\n" + "\n".join(corpus) if corpus else ""
     if summary.get("cost_ratio") is not None:
         notes += f"\n\ncost ratio c (draft step / target step) = {summary['cost_ratio']:.3f}"
+    if summary.get("skipped_examples"):
+        notes += f"\n\nskipped (prompt longer than the context window): {', '.join(summary['skipped_examples'])}"
     return head + "\n".join(lines) + notes + "\n"
 
 
@@ -410,7 +429,7 @@ def theoretical_front(
     if pair.draft is None:
         raise UserInputError("the pareto command needs a draft model")
     per_example, values = [], []
-    prompts, skipped = encodable_examples(pair, task, examples, raw)
+    prompts, skipped = encodable_examples(pair, task, examples, raw, room=2)
     for example, prompt_ids in prompts:
         continuation = pair.tokenizer(task.reference(example, raw), add_special_tokens=False).input_ids
         tv = position_tv(pair, prompt_ids, continuation, params)

@@ -116,7 +116,9 @@ def convert_embedded(spec: EmbeddedModel) -> Path:
         return target_dir
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.enable_progress_bar()  # dequantizing takes a while: show it
     work = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=_ensure_dir(target_dir.parent)))
     try:
         gguf = assemble_gguf(spec, work / f"{spec.name}.gguf")
@@ -151,7 +153,9 @@ def _ensure_dir(path: Path) -> Path:
 def load_model(spec: str, dtype: str = "bfloat16"):
     """(model, tokenizer, name) from an embedded model name, a local dir, a .gguf file or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading a cached model takes seconds; no bar needed
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]

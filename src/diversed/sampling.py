@@ -62,10 +62,14 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row. probs: [..., V] -> token ids [...]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    tokens = torch.multinomial(flat, 1, generator=generator)  # [B, 1]
-    return tokens.reshape(probs.shape[:-1])
+    """One token per row. probs: [..., V] -> token ids [...].
+
+    argmax(probs / E) with E ~ Exp(1) i.i.d. is an exact sample from probs (the exponential
+    race, equivalent to Gumbel-max) and takes a third of torch.multinomial's time on a
+    150k vocabulary.
+    """
+    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)  # [..., V]
+    return (probs / race).argmax(dim=-1)
 
 
 def choose(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -289,11 +289,16 @@ class TypicalAcceptance(Verifier):
         return f"typical(eps={self.eps:g}, alpha={self.alpha:g})"
 
 
+def emitted_distribution(q: torch.Tensor, acceptance: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """q(v) acceptance(v) + (1 - sum_u q(u) acceptance(u)) residual(v). All [N, V] -> [N, V]."""
+    kept = q * acceptance  # [N, V]: drafted and accepted
+    rejected_mass = (1 - kept.sum(-1, keepdim=True)).clamp_min(0)  # [N, 1]
+    return kept + rejected_mass * residual
+
+
 def induced_distribution(verifier: Verifier, p: torch.Tensor, q: torch.Tensor, ctx: VerifyContext = EMPTY_CONTEXT) -> torch.Tensor:
     """Distribution of the token a position emits when its draft is x ~ q. [N, V] -> [N, V]."""
-    kept = q * verifier.acceptance(p, q, ctx)  # [N, V]: drafted and accepted
-    rejected_mass = (1 - kept.sum(-1, keepdim=True)).clamp_min(0)  # [N, 1]
-    return kept + rejected_mass * verifier.residual(p, q, ctx)
+    return emitted_distribution(q, verifier.acceptance(p, q, ctx), verifier.residual(p, q, ctx))
 
 
 def acceptance_rate(verifier: Verifier, p: torch.Tensor, q: torch.Tensor, ctx: VerifyContext = EMPTY_CONTEXT) -> torch.Tensor:
@@ -351,6 +356,7 @@ __all__ = [
     "TypicalAcceptance",
     "CASCADE_RULES",
     "METHODS",
+    "emitted_distribution",
     "induced_distribution",
     "acceptance_rate",
     "position_bias",

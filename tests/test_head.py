@@ -1,0 +1,45 @@
+"""Ensemble head: initial output, save/load round trip, pair checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diversed.errors import HeadMismatchError, UserInputError
+from diversed.head import EnsembleHead, HeadConfig, PairSignature, load_head
+
+PAIR = PairSignature("t", "d", target_hidden_size=6, draft_hidden_size=4, vocab_size=100)
+
+
+def test_initial_weight_is_one_half():
+    head = EnsembleHead(HeadConfig(PAIR))
+    w = head(torch.randn(7, 4), torch.randn(7, 6))
+    assert w.shape == (7,) and torch.allclose(w, torch.full((7,), 0.5))
+    assert sum(p.numel() for p in head.parameters()) == 2 * (4 + 6) + 2
+
+
+def test_save_load_round_trip(tmp_path):
+    head = EnsembleHead(HeadConfig(PAIR, {"task": "gsm8k"}))
+    torch.nn.init.normal_(head.linear.weight)
+    path = head.save(tmp_path / "my-head")
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["pair"]["target"] == "t" and meta["task"] == "gsm8k"
+    loaded = load_head(tmp_path / "my-head", PAIR)
+    x_d, x_t = torch.randn(3, 4), torch.randn(3, 6)
+    assert torch.allclose(loaded(x_d, x_t), head(x_d, x_t))
+    assert load_head(str(path), PAIR).config.extra["task"] == "gsm8k"  # with the suffix too
+
+
+def test_loading_for_another_pair_is_an_error(tmp_path):
+    EnsembleHead(HeadConfig(PAIR)).save(tmp_path / "h")
+    other = PairSignature("t", "other-draft", 6, 4, 100)
+    with pytest.raises(HeadMismatchError, match="draft"):
+        load_head(tmp_path / "h", other)
+
+
+def test_missing_head_is_a_user_error(tmp_path):
+    with pytest.raises(UserInputError, match="no ensemble head"):
+        load_head(tmp_path / "nothing")

@@ -1,0 +1,85 @@
+"""The embedded default pair (Qwen2.5-Coder 1.5B target / 0.5B draft), for real.
+
+Marked slow (minutes on CPU); the `ci`-marked ones are the representative subset CI runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diversed.engine import CachedModel, GenerationConfig, speculative_round
+from diversed.generation import MethodSpec, encode_prompt, generate
+from diversed.metrics import Metrics
+from diversed.models import load_pair
+from diversed.sampling import SamplingParams
+from diversed.verifiers import StaticEnsemble
+
+from .test_engine import hf_greedy
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell altogether?",
+]
+
+
+@pytest.fixture(scope="module")
+def pair_fp32():
+    return load_pair(dtype="float32")
+
+
+@pytest.mark.ci
+@pytest.mark.parametrize("prompt_index, draft_length", [(0, 5), (1, 3)])
+def test_exact_greedy_equals_target_greedy_fp32(pair_fp32, prompt_index, draft_length):
+    prompt = encode_prompt(pair_fp32, PROMPTS[prompt_index])
+    config = GenerationConfig(max_new_tokens=24, draft_length=draft_length, sampling=SamplingParams(0.0), ignore_eos=True)
+    ours = generate(pair_fp32, prompt, MethodSpec("exact"), config)
+    assert ours.token_ids == hf_greedy(pair_fp32.target, prompt, 24)
+    assert ours.metrics.rounds < 24  # speculation actually emitted several tokens per round
+
+
+@pytest.mark.parametrize("prompt_index, draft_length", [(0, 2), (1, 6)])
+def test_exact_greedy_more_cases(pair_fp32, prompt_index, draft_length):
+    prompt = encode_prompt(pair_fp32, PROMPTS[prompt_index])
+    config = GenerationConfig(max_new_tokens=32, draft_length=draft_length, sampling=SamplingParams(0.0), ignore_eos=True)
+    assert generate(pair_fp32, prompt, MethodSpec("exact"), config).token_ids == hf_greedy(pair_fp32.target, prompt, 32)
+
+
+@pytest.mark.ci
+def test_kv_rollback_on_the_real_pair(pair_fp32):
+    generator = torch.Generator().manual_seed(0)
+    target = CachedModel(pair_fp32.target, pair_fp32.vocab_size)
+    draft = CachedModel(pair_fp32.draft, pair_fp32.vocab_size)
+    committed = encode_prompt(pair_fp32, PROMPTS[0])
+    metrics = Metrics()
+    with torch.inference_mode():
+        target.feed(committed[:-1], 0)
+        draft.feed(committed[:-1], 0)
+        for _ in range(4):
+            outcome = speculative_round(target, draft, StaticEnsemble(0.5), committed, 5, SamplingParams(1.5), generator, metrics)
+            committed = committed + outcome.tokens
+        assert metrics.accepted < metrics.drafted  # some rejection was rolled back
+        for cached in (target, draft):
+            cached_logits, _ = cached.feed(committed[cached.length :], 1)
+            fresh_logits, _ = CachedModel(cached.model, pair_fp32.vocab_size).feed(committed, 1)
+            torch.testing.assert_close(cached_logits, fresh_logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.ci
+def test_cli_generate_json_on_the_default_pair():
+    """The README's main command, as a user runs it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "diversed.cli", "generate", "Say hello in French.", "--max-new-tokens", "16", "--seed", "0", "--json"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["text"].strip() and len(data["token_ids"]) <= 16
+    assert data["metrics"]["drafted"] > 0 and 0 <= data["metrics"]["acceptance_rate"] <= 1
