@@ -72,8 +72,12 @@ def next_token_state(pair, tokens: list[int]):
     return logits_to_probs(t_logits, PARAMS).double(), logits_to_probs(d_logits, PARAMS).double(), d_hidden, t_hidden
 
 
-def theory(pair, verifier: Verifier):
-    """Exact outcome probabilities of one N = 2 round from PREFIX, and of the accepted count."""
+def theory(pair, verifier: Verifier, confidence: float = 0.0):
+    """Exact outcome probabilities of one N = 2 round from PREFIX, and of the accepted count.
+
+    With `confidence`, drafting stops after x_1 when q_1(x_1) < confidence: an accepted x_1 is
+    then followed by the bonus token from p_2.
+    """
     vocab = pair.vocab_size
     p1, q1, hd1, ht1 = next_token_state(pair, PREFIX)
     ctx1 = verifier.context(hd1, ht1)
@@ -84,6 +88,11 @@ def theory(pair, verifier: Verifier):
         if accept1[0, x1] == 0:
             continue
         p2, q2, hd2, ht2 = next_token_state(pair, PREFIX + [x1])
+        if q1[0, x1] < confidence:  # drafting stopped: the round ends with a bonus token
+            for y2 in range(vocab):
+                outcomes[("k1+", x1, y2)] = float(accept1[0, x1] * p2[0, y2])
+            k_probs[1] += float(accept1[0, x1])
+            continue
         ctx2 = verifier.context(hd2, ht2)
         second = induced_distribution(verifier, p2, q2, ctx2)[0]  # accepted x2 or recovered y2
         for y2 in range(vocab):
@@ -94,7 +103,7 @@ def theory(pair, verifier: Verifier):
     return outcomes, k_probs
 
 
-def simulate(pair, verifier: Verifier, rounds: int, seed: int = 0):
+def simulate(pair, verifier: Verifier, rounds: int, seed: int = 0, confidence: float = 0.0):
     generator = torch.Generator().manual_seed(seed)
     target = CachedModel(pair.target, pair.vocab_size)
     draft = CachedModel(pair.draft, pair.vocab_size)
@@ -105,9 +114,10 @@ def simulate(pair, verifier: Verifier, rounds: int, seed: int = 0):
         target.feed(PREFIX[:-1], 0)
         draft.feed(PREFIX[:-1], 0)
         for _ in range(rounds):
-            outcome = speculative_round(target, draft, verifier, list(PREFIX), 2, PARAMS, generator, metrics)
+            outcome = speculative_round(target, draft, verifier, list(PREFIX), 2, PARAMS, generator, metrics, confidence)
             key = ("k0", outcome.tokens[0]) if outcome.accepted == 0 else ("k1+", outcome.tokens[0], outcome.tokens[1])
             outcomes[key] = outcomes.get(key, 0) + 1
+            # k counts accepted tokens; with an early stop after x_1, k = 1 means x_1 + bonus.
             k_counts[outcome.accepted] += 1
             target.rollback(len(PREFIX) - 1)
             draft.rollback(len(PREFIX) - 1)
@@ -156,6 +166,17 @@ def test_engine_matches_theory(small_vocab_pair, name):
     assert chi_square_pvalue(dict(enumerate(k_counts)), k_expected, ROUNDS) > 1e-4
     assert metrics.rounds == ROUNDS and metrics.accepted == k_counts[1] + 2 * k_counts[2]
     assert metrics.accepted_per_position == [k_counts[1] + k_counts[2], k_counts[2]]
+
+
+def test_early_draft_stop_keeps_the_guarantee(small_vocab_pair):
+    """Stopping the draft on low confidence changes which token follows x_1, not correctness."""
+    verifier, confidence = StaticEnsemble(0.5), 0.1
+    expected, k_probs = theory(small_vocab_pair, verifier, confidence)
+    assert expected != theory(small_vocab_pair, verifier)[0]  # the stop rule really fires here
+    observed, k_counts, metrics = simulate(small_vocab_pair, verifier, ROUNDS, confidence=confidence)
+    assert chi_square_pvalue(observed, expected, ROUNDS) > 1e-4
+    assert chi_square_pvalue(dict(enumerate(k_counts)), dict(enumerate(k_probs)), ROUNDS) > 1e-4
+    assert metrics.drafted < 2 * ROUNDS
 
 
 def test_the_statistical_test_catches_a_wrong_verifier(small_vocab_pair):

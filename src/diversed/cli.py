@@ -44,6 +44,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=1.0, help="1.0 disables (default)")
     group.add_argument("--max-new-tokens", type=int, default=128)
     group.add_argument("--seed", type=int, help="makes sampling reproducible")
+    group.add_argument("--draft-confidence", type=float, default=0.0,
+                       help="end a draft early when the draft's probability of its token is below this (0 = always N)")
 
 
 def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
@@ -78,7 +80,8 @@ def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
 
 def config_from_args(args: argparse.Namespace, stop: tuple[str, ...] = ()) -> GenerationConfig:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    return GenerationConfig(args.max_new_tokens, args.draft_length, sampling, args.seed, stop)
+    return GenerationConfig(args.max_new_tokens, args.draft_length, sampling, args.seed, stop,
+                            draft_confidence=args.draft_confidence)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

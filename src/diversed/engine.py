@@ -38,12 +38,18 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer; see `generate`)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # Stop drafting early once the draft's probability of its own token falls below this
+    # (Hugging Face's assistant_confidence_threshold). The stopping rule depends on the draft
+    # alone, so every verifier keeps its guarantee; 0 always drafts N.
+    draft_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserInputError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.draft_length < 1:
             raise UserInputError(f"the draft length N must be >= 1, got {self.draft_length} (--draft-length)")
+        if not 0 <= self.draft_confidence < 1:
+            raise UserInputError(f"the draft confidence threshold must be in [0, 1), got {self.draft_confidence}")
 
 
 class CachedModel:
@@ -92,9 +98,17 @@ class RoundOutcome:
 
 
 def draft_block(
-    draft: CachedModel, committed: list[int], n: int, params: SamplingParams, generator: torch.Generator | None
+    draft: CachedModel,
+    committed: list[int],
+    n: int,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    confidence: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draft n tokens. -> drafted [n], q [n, V] (what each was drawn from), draft hidden [n, H_d]."""
+    """Draft up to n tokens (fewer when `confidence` stops it).
+
+    -> drafted [n'], q [n', V] (what each was drawn from), draft hidden [n', H_d].
+    """
     drafted, qs, hiddens = [], [], []
     pending: list[int] | torch.Tensor = committed[draft.length :]  # >= 1 token: the pending one
     for _ in range(n):
@@ -104,6 +118,8 @@ def draft_block(
         drafted.append(token)
         qs.append(q)
         hiddens.append(hidden[0])
+        if q[token] < confidence:
+            break
         pending = token.reshape(1)
     return torch.stack(drafted), torch.stack(qs), torch.stack(hiddens)
 
@@ -159,9 +175,11 @@ def speculative_round(
     params: SamplingParams,
     generator: torch.Generator | None,
     metrics: Metrics,
+    confidence: float = 0.0,
 ) -> RoundOutcome:
     """Run one round (SPEC §2) and roll both caches back to the new committed length."""
-    drafted, q, draft_hidden = draft_block(draft, committed, n, params, generator)
+    drafted, q, draft_hidden = draft_block(draft, committed, n, params, generator, confidence)
+    n = drafted.shape[0]
     block = committed[target.length :] + drafted.tolist()  # [pending] + x_1..x_n
     logits, target_hidden = target.feed(block, n + 1)  # [n+1, V], [n+1, H_t]
     p = logits_to_probs(logits, params)  # [n+1, V]
@@ -236,7 +254,7 @@ def decode(
             else:
                 # Never draft past the budget: a round emits at most n + 1 tokens.
                 n = max(1, min(config.draft_length, remaining - 1))
-                outcome = speculative_round(target, draft, verifier, committed, n, params, generator, metrics)
+                outcome = speculative_round(target, draft, verifier, committed, n, params, generator, metrics, config.draft_confidence)
             tokens = outcome.tokens[:remaining]
             eos_at = None if config.ignore_eos else next((i for i, t in enumerate(tokens) if t in eos_token_ids), None)
             if eos_at is not None:
