@@ -17,7 +17,7 @@ Both language models are frozen; only the `EnsembleHead` learns. One step:
 Runs checkpoint into `out_dir` and resume from the latest checkpoint. All randomness is drawn
 from generators derived from (seed, what, index), so two half runs equal one full run.
 
-    head = train_head(pair, examples, task.prompt, task.score, TrainSettings(task="gsm8k"), "heads/gsm8k")
+    head = train_head(pair, examples, task.prompt, task_reward(task), TrainSettings(task="gsm8k"), "runs/gsm8k")
 
 Command line: `diversed train` (docs/training.md).
 """
@@ -116,8 +116,8 @@ def derive_seed(seed: int, what: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def seeded_generator(seed: int, what: str, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, what, index))
+def seeded_generator(seed: int, what: str, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, what, index))
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -409,7 +409,8 @@ def train_step(
 ) -> dict[str, Any]:
     """Roll out, score, update the head once. -> the step's log row."""
     started = time.perf_counter()
-    generator = seeded_generator(settings.seed, "step", state.step)
+    # Sampling happens where the models' probabilities live.
+    generator = seeded_generator(settings.seed, "step", state.step, state.head.linear.weight.device)
     state.head.eval()
     rollouts = [rollout(pair, state.head, ids, settings.max_new_tokens, settings.sampling, generator) for _, ids in batch]
     rollout_s = time.perf_counter() - started
@@ -437,9 +438,9 @@ def train_step(
         "step": state.step,
         "reward": float(rewards.mean()),
         "baseline": baseline,
-        "loss": float(terms.loss),
-        "pg_loss": float(terms.pg),
-        "acceptance_sum": float(terms.acceptance),  # S: expected accepted drafts per sequence
+        "loss": terms.loss.item(),
+        "pg_loss": terms.pg.item(),
+        "acceptance_sum": terms.acceptance.item(),  # S: expected accepted drafts per sequence
         "mean_w": float(weights.mean()),
         "acceptance_proxy": float((1 - weights * tv).mean()),  # mean_t 1 - w_t TV_t
         "mean_tv": float(tv.mean()),
@@ -473,7 +474,7 @@ def train_head(
     out_dir: str | Path,
     *,
     progress: bool = True,
-    checkpoint_every: int = 10,
+    checkpoint_every: int = 1,
     stop_after: int | None = None,
     time_limit_s: float | None = None,
 ) -> EnsembleHead:
@@ -565,7 +566,10 @@ def load_training_examples(task_name: str, n: int, data_dir: str | None) -> tupl
     task = get_task(task_name)
     if "train" not in task.splits:
         raise UserInputError(f"task {task_name} has no train split (it has {', '.join(task.splits)}); heads are never trained on test data")
-    return task, task.load("train", n, data_dir)
+    examples = task.load("train", n, data_dir)
+    if len(examples) < n:
+        raise UserInputError(f"--prompts {n} asks for more examples than {task_name}'s train split has ({len(examples)})")
+    return task, examples
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
@@ -587,8 +591,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit * 60 if args.time_limit else None,
     )
     out = Path(args.out)
-    path = out / f"{HEAD_NAME}.safetensors"
-    if path.is_file() and head.config.extra.get("training"):
+    if head.config.extra.get("training"):  # set when the finished head is saved
         print(f"head saved to {out / HEAD_NAME} (use: --method diversed --head {out / HEAD_NAME})", file=sys.stderr)
     else:
         print(f"stopped early; rerun the same command to resume from {out / CHECKPOINT_DIR}", file=sys.stderr)
@@ -619,7 +622,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--baseline", choices=BASELINES, default=defaults.baseline, help="reward baseline (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     run = tr.add_argument_group("run control (does not change the result)")
-    run.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default %(default)s)")
+    run.add_argument("--checkpoint-every", type=int, default=1, help="steps between checkpoints (default %(default)s)")
     run.add_argument("--stop-after", type=int, help="stop (resumably) after this many steps in total")
     run.add_argument("--time-limit", type=float, help="stop (resumably) after about this many minutes")
     tr.set_defaults(handler=cmd_train)
