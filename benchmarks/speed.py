@@ -13,7 +13,7 @@ length, and efficiency = measured speedup / the all-accepted ceiling (N+1) / (N 
 c = draft step / target step and v = verify-(N+1) / one target step, measured in this run.
 Hugging Face's acceptance is derived from its target-call count (rounds), so it is marked ≈.
 
-    python benchmarks/speed.py --data-dir ../shared/data --prompts 5 --max-new-tokens 96 --temperature 1
+    python benchmarks/speed.py --data-dir ../shared/data --prompts 6 --max-new-tokens 96 --temperature 1
 """
 
 from __future__ import annotations
@@ -34,19 +34,13 @@ from diversed.models import load_pair
 from diversed.sampling import SamplingParams
 
 
-def benchmark_prompts(data_dir: Path, count: int) -> list[str]:
-    """Alternating GSM8K test questions and MBPP test tasks (chat prompts)."""
-    gsm8k = [json.loads(line)["question"] for line in (data_dir / "gsm8k_test.jsonl").open()][: count]
-    mbpp = [
-        json.loads(line)
-        for line in (data_dir / "mbpp.jsonl").open()
-    ]
-    mbpp_prompts = [
-        f"{row['text']} Your code should pass this test:\n{row['test_list'][0]}"
-        for row in mbpp
-        if 11 <= row["task_id"] <= 510
-    ][:count]
-    mixed = [p for pair in zip(gsm8k, mbpp_prompts) for p in pair]
+def benchmark_prompts(data_dir: Path, count: int, tasks: tuple[str, ...] = ("gsm8k", "mbpp", "xsum")) -> list[str]:
+    """A fixed prompt set cycling through the tasks' test splits, with each task's own chat prompt."""
+    from diversed.tasks import get_task
+
+    per_task = -(-count // len(tasks))
+    prompts_by_task = [[get_task(name).prompt(example) for example in get_task(name).load("test", per_task, data_dir)] for name in tasks]
+    mixed = [prompt for group in zip(*prompts_by_task) for prompt in group]
     return mixed[:count]
 
 
@@ -155,7 +149,8 @@ def summarize(label: str, runs: list[dict], baselines: dict[str, float], n: int,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--tasks", default="gsm8k,mbpp,xsum", help="prompt sources, cycled (test splits)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--draft-length", type=int, default=5)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -169,7 +164,7 @@ def main() -> int:
     args = parser.parse_args()
 
     pair = load_pair(args.target, args.draft, args.dtype)
-    prompts = [encode_prompt(pair, text) for text in benchmark_prompts(args.data_dir, args.prompts)]
+    prompts = [encode_prompt(pair, text) for text in benchmark_prompts(args.data_dir, args.prompts, tuple(args.tasks.split(",")))]
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     specs = {label: MethodSpec.parse(label) for label in labels if not label.startswith("hf:")}
     # Warm-up: one short call of each kind so lazy initialisation is not timed.

@@ -21,7 +21,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,6 +66,7 @@ class EvalSettings:
     max_new_tokens: int
     seed: int
     raw: bool = False
+    draft_confidence: float = 0.0
 
     @property
     def sampling(self) -> SamplingParams:
@@ -73,7 +74,8 @@ class EvalSettings:
 
     def generation_config(self, task: Task, example_id: str) -> GenerationConfig:
         seed = example_seed(self.seed, example_id)
-        return GenerationConfig(self.max_new_tokens, self.draft_length, self.sampling, seed, task.stop(self.raw))
+        return GenerationConfig(self.max_new_tokens, self.draft_length, self.sampling, seed, task.stop(self.raw),
+                                draft_confidence=self.draft_confidence)
 
 
 def example_seed(seed: int, example_id: str) -> int:
@@ -94,7 +96,12 @@ def check_settings(out_dir: Path, settings: EvalSettings) -> None:
         path.write_text(json.dumps(current, indent=2) + "\n")
         return
     stored = json.loads(path.read_text())
-    differing = [f"{key}: {stored.get(key)!r} there, {value!r} now" for key, value in current.items() if stored.get(key) != value]
+    defaults = {f.name: f.default for f in fields(EvalSettings)}  # settings added later keep their default
+    differing = [
+        f"{key}: {stored.get(key, defaults[key])!r} there, {value!r} now"
+        for key, value in current.items()
+        if stored.get(key, defaults[key]) != value
+    ]
     if differing:
         raise UserInputError(
             f"{out_dir} holds a run with other settings ({'; '.join(differing)}); "
@@ -526,6 +533,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task=task.name, split=args.split, target=args.target or DEFAULT_TARGET.name, draft=args.draft or DEFAULT_DRAFT.name,
         dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         draft_length=args.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
+        draft_confidence=args.draft_confidence,
     )
     out_dir = Path(args.out)
     check_settings(out_dir, settings)  # fail before the (slow) model load
