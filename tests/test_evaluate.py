@@ -151,11 +151,12 @@ def test_eval_on_cnn_dailymail_fixture(tiny_model_dirs, tmp_path):
 
 
 def test_eval_user_errors_exit_2(tiny_model_dirs, tmp_path, capsys):
-    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "a", methods=["ar", "fast"])) == 2
+    fixture = dict(task="cnn_dailymail", data_dir=FIXTURES)  # needs no shared benchmark data
+    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "a", methods=["ar", "fast"], **fixture)) == 2
     assert "unknown method 'fast'" in capsys.readouterr().err
     assert cli.main(eval_args(tiny_model_dirs, tmp_path / "b", data_dir=tmp_path)) == 2
     assert "gsm8k_test.jsonl" in capsys.readouterr().err
-    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "c", methods=["ar", "ar"])) == 2
+    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "c", methods=["ar", "ar"], **fixture)) == 2
     assert "twice" in capsys.readouterr().err
 
 
