@@ -24,4 +24,14 @@ from .verifiers import (
 
 __version__ = "0.1.0"
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "GenerationConfig", "decode",
+    "DiversedError", "HeadMismatchError", "ModelLoadError", "PairMismatchError", "UserInputError",
+    "GenerationResult", "MethodSpec", "build_verifier", "encode_prompt", "generate", "start_generation",
+    "EnsembleHead", "HeadConfig", "PairSignature", "load_head",
+    "Metrics", "ideal_speedup",
+    "ModelPair", "load_pair",
+    "SamplingParams",
+    "DynamicEnsemble", "Exact", "Lenient", "SpeculativeCascade", "StaticEnsemble", "TypicalAcceptance",
+    "Verifier", "VerifyContext", "make_verifier",
+]

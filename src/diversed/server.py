@@ -617,7 +617,7 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
     """The ASGI app serving `pair`. Fails fast (UserInputError...) on a bad default method."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
