@@ -21,9 +21,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -250,49 +247,21 @@ def check_loopback(url: str) -> str:
 @contextmanager
 def local_server(args: argparse.Namespace) -> Iterator[str]:
     """Start `diversed serve` on a free loopback port; yield its URL; stop it."""
-    with tempfile.TemporaryDirectory(prefix="diversed-load-") as tmp:
-        command = [sys.executable, "-m", "diversed.cli", "serve", "--port", str(free_port()), "--queue-size", str(args.queue_size), "--log-level", "warning"]
-        env = dict(os.environ)
-        if not args.real:
-            from diversed.testing import build_tiny_model
+    from diversed.testing import build_tiny_model, served
 
+    with tempfile.TemporaryDirectory(prefix="diversed-load-") as tmp:
+        serve_args = ["--queue-size", str(args.queue_size), "--log-level", "warning"]
+        threads = None
+        if not args.real:
             target = build_tiny_model(Path(tmp) / "tiny-target", seed=1, sharpness=10.0)
             draft = build_tiny_model(Path(tmp) / "tiny-draft", seed=1, sharpness=10.0, perturb=1.0)
-            command += ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
-            env["OMP_NUM_THREADS"] = "1"  # tiny models only lose from intra-op threads
-        url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            serve_args += ["--target", str(target), "--draft", str(draft), "--dtype", "float32"]
+            threads = 1  # tiny models only lose from intra-op threads
         try:
-            wait_healthy(url, process, log_path, limit=900 if args.real else 120)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"error: the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"error: the server was not healthy within {limit:.0f} s:\n{log_path.read_text()}")
+            with served(serve_args, Path(tmp) / "server.log", threads=threads, health_timeout=900 if args.real else 120) as url:
+                yield url
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}") from None
 
 
 # --------------------------------------------------------------------------- main

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +22,7 @@ from diversed.head import EnsembleHead, HeadConfig
 from diversed.models import load_pair
 from diversed.sampling import SamplingParams
 from diversed.server import ServerSettings, create_app, register_cli, settings_from_args
-from diversed.testing import build_tiny_model
+from diversed.testing import build_tiny_model, served
 
 CONTEXT = 16384  # long enough for a request that outlives the request timeout
 MAX_TOKENS_LIMIT = 12000
@@ -56,55 +53,21 @@ def pair(model_dirs):
 def server(model_dirs, tmp_path_factory) -> str:
     """Base URL of a real server: default method diversed, queue size 1, 5 s timeout."""
     target, draft, head = model_dirs
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-    command = [
-        sys.executable, "-m", "diversed.cli", "serve", "--target", str(target), "--draft", str(draft),
-        "--dtype", "float32", "--port", str(port), "--head", str(head), "--queue-size", "1",
+    serve_args = [
+        "--target", str(target), "--draft", str(draft), "--dtype", "float32", "--head", str(head), "--queue-size", "1",
         "--request-timeout", str(REQUEST_TIMEOUT), "--max-tokens-limit", str(MAX_TOKENS_LIMIT),
         "--max-draft-length", str(MAX_DRAFT_LENGTH), "--log-level", "warning",
     ]
     # One intra-op thread: the machine is shared, and tiny models only lose from more.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_healthy(url, process, log_path)
+    with served(serve_args, log_path, threads=1) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     # No retries: a 429 or 504 must reach the test, not be retried away.
     return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_healthy(url: str, process: subprocess.Popen, log_path: Path, limit: float = 90.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"the server was not healthy within {limit} s:\n{log_path.read_text()}")
 
 
 def _health(url: str) -> dict:

@@ -10,8 +10,15 @@ distributions are peaked enough to be interesting (random init gives near-unifor
 
 from __future__ import annotations
 
+import os
+import socket
 import string
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -85,3 +92,48 @@ def build_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served(serve_args: list[str], log_path: Path, *, threads: int | None = None, health_timeout: float = 90.0) -> Iterator[str]:
+    """Run `diversed serve SERVE_ARGS` as a real process on a free loopback port; yield its URL.
+
+    Waits for /health, raises RuntimeError (with the server's log) if it dies or stays
+    unhealthy, and stops the process on exit. `threads` sets OMP_NUM_THREADS for it.
+    """
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "diversed.cli", "serve", "--port", str(port), *serve_args]
+    env = dict(os.environ) if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + health_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not healthy within {health_timeout:.0f} s:\n{log_path.read_text()}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
