@@ -12,7 +12,7 @@ from rouge_score import rouge_scorer
 
 from diversed.errors import UserInputError
 from diversed.tasks import DATA_DIR_ENV, TASKS, Example, get_task
-from diversed.tasks.gsm8k import extract_answer, parse_number, reference_answer
+from diversed.tasks.gsm8k import FEW_SHOT, extract_answer, parse_number, reference_answer
 from diversed.tasks.scoring import extract_code
 
 from .conftest import SHARED_DATA
@@ -82,8 +82,21 @@ def test_gsm8k_real_rows_reference_scores_one_and_wrong_scores_zero():
         assert "<<" not in task.reference(example)  # calculator annotations removed
         wrong = reference_answer(example.fields["answer"]) + 1
         assert task.score(example, f"#### {wrong}") == 0.0
-    assert "####" in task.prompt(examples[0]) and examples[0].fields["question"] in task.prompt(examples[0])
-    assert task.prompt(examples[0], raw=True).endswith("Answer:")
+    chat = task.prompt(examples[0])
+    assert chat[-1] == {"role": "user", "content": examples[0].fields["question"]}
+    assert [turn["role"] for turn in chat] == ["user", "assistant"] * 3 + ["user"]
+    assert all(turn["content"].endswith(f"#### {answer}") for turn, answer in zip(chat[1::2], (72, 10, 5)))
+    raw = task.prompt(examples[0], raw=True)
+    assert raw.endswith(f"Question: {examples[0].fields['question']}\nAnswer:") and raw.count("Question:") == 4
+
+
+@needs_shared_data
+def test_gsm8k_few_shot_examples_are_the_first_train_rows_not_test_rows():
+    task = get_task("gsm8k")
+    train = task.load("train", n=3, data_dir=SHARED_DATA)
+    assert [(e.fields["question"], task.reference(e)) for e in train] == list(FEW_SHOT)
+    test_questions = {e.fields["question"] for e in task.load("test", data_dir=SHARED_DATA)}
+    assert not test_questions & {question for question, _ in FEW_SHOT}
 
 
 # ----------------------------------------------------------------------------- code tasks

@@ -67,6 +67,7 @@ class EvalSettings:
     seed: int
     raw: bool = False
     draft_confidence: float = 0.0
+    prompt_version: int = 1  # the task's Task.prompt_version
 
     @property
     def sampling(self) -> SamplingParams:
@@ -533,7 +534,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task=task.name, split=args.split, target=args.target or DEFAULT_TARGET.name, draft=args.draft or DEFAULT_DRAFT.name,
         dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         draft_length=args.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
-        draft_confidence=args.draft_confidence,
+        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version,
     )
     out_dir = Path(args.out)
     check_settings(out_dir, settings)  # fail before the (slow) model load

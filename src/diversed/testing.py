@@ -56,7 +56,7 @@ def build_tiny_model(
     layers: int = 2,
     sharpness: float = 40.0,
     alphabet: str | None = None,
-    max_positions: int = 512,
+    max_positions: int = 2048,
     perturb: float = 0.0,
 ) -> Path:
     """Write a tiny Qwen2 model + tokenizer to `path` and return it."""

@@ -43,6 +43,7 @@ from .head import EnsembleHead, HeadConfig, PairSignature
 from .models import ModelPair
 from .sampling import SamplingParams, logits_to_probs, sample, total_variation
 from .verifiers import DynamicEnsemble
+from .tasks.base import Prompt
 
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.jsonl"
@@ -56,7 +57,7 @@ BASELINES = ("running", "batch")
 PERCENT_METRICS = {"rouge2", "bleu"}
 
 RewardFn = Callable[[Any, str], float]
-PromptFn = Callable[[Any], str]
+PromptFn = Callable[[Any], Prompt]
 
 
 # ----------------------------------------------------------------------------- settings

@@ -13,6 +13,10 @@ from ..errors import UserInputError
 
 DATA_DIR_ENV = "DIVERSED_DATA_DIR"
 
+# A task prompt: the user message, or the whole chat ({"role", "content"} turns) for few-shot
+# prompts; with raw=True always the text to continue.
+Prompt = str | list[dict[str, str]]
+
 
 @dataclass(frozen=True)
 class Example:
@@ -34,6 +38,8 @@ class Task(ABC):
     name: ClassVar[str]
     metric_name: ClassVar[str]  # what `score` measures: accuracy, pass@1, rouge2, bleu
     splits: ClassVar[tuple[str, ...]] = ("test",)
+    # Bumped whenever prompt() changes, so a resumed evaluation never mixes rows of two prompts.
+    prompt_version: ClassVar[int] = 1
 
     def load(self, split: str = "test", n: int | None = None, data_dir: str | Path | None = None) -> list[Example]:
         """The first `n` examples of `split` (all when n is None), in a fixed order."""
@@ -49,8 +55,8 @@ class Task(ABC):
         """Every example of a (valid) split."""
 
     @abstractmethod
-    def prompt(self, example: Example, raw: bool = False) -> str:
-        """The user message (or, with raw, the text to continue)."""
+    def prompt(self, example: Example, raw: bool = False) -> Prompt:
+        """The user message or chat turns (or, with raw, the text to continue)."""
 
     @abstractmethod
     def reference(self, example: Example, raw: bool = False) -> str:
