@@ -23,6 +23,7 @@ from diversed.train import (
     checkpoint_paths,
     policy_loss,
     rollout,
+    rollout_batch,
     seeded_generator,
     train_head,
 )
@@ -61,26 +62,55 @@ def read_log(out_dir) -> list[dict]:
 # ----------------------------------------------------------------------------- objective
 
 
-def test_rollout_scalars_match_a_full_forward(tiny_pair):
-    """The per-token scalars kept by the KV-cached rollout are those of the full distributions."""
+def full_forward(pair, prompt: list[int], tokens: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Hidden states and processed probabilities of both models at each completion position, unbatched, no cache."""
+    ids = torch.tensor([prompt + tokens])
+    start, end = len(prompt) - 1, len(prompt) - 1 + len(tokens)
+    hidden, probs = [], []
+    for model in (pair.target, pair.draft):
+        h = model.base_model(input_ids=ids).last_hidden_state[0, start:end]  # [T, H]
+        hidden.append(h)
+        probs.append(logits_to_probs(model.get_output_embeddings()(h)[:, : pair.vocab_size], SETTINGS.sampling))
+    return hidden, probs
+
+
+def test_batched_rollout_scalars_match_an_unbatched_full_forward(tiny_pair):
+    """Left padding, per-row positions, the KV cache and rows leaving the batch at EOS change nothing:
+    every kept per-token scalar equals the one of a plain forward over that prompt + completion."""
+    prompts = [encode_prompt(tiny_pair, text) for text in PROMPTS]  # 8 prompts of different lengths
+    assert len({len(p) for p in prompts}) > 4
+    head = EnsembleHead(HeadConfig(tiny_pair.signature()))
+    torch.nn.init.normal_(head.linear.weight, std=0.1)
+    rollouts = rollout_batch(tiny_pair, head, prompts, 40, SETTINGS.sampling, seeded_generator(0, "t", 0))
+    assert any(r.ended for r in rollouts) and not all(r.ended for r in rollouts)  # rows did leave the batch early
+    for prompt, r in zip(prompts, rollouts):
+        assert r.ended == (r.tokens[-1] in tiny_pair.eos_token_ids) and (r.ended or r.length == 40)
+        hidden, (p, q) = full_forward(tiny_pair, prompt, r.tokens)
+        y = torch.tensor(r.tokens).unsqueeze(-1)
+        assert torch.allclose(r.p_token, p.gather(-1, y).squeeze(-1), atol=1e-5)
+        assert torch.allclose(r.q_token, q.gather(-1, y).squeeze(-1), atol=1e-5)
+        assert torch.allclose(r.tv, total_variation(p, q), atol=1e-5)
+        assert torch.allclose(r.weights, head(hidden[1], hidden[0]), atol=1e-5)
+        assert not r.draft_hidden.requires_grad and not r.draft_hidden.is_inference()
+
+
+def test_batched_rollouts_sample_the_ensemble(tiny_pair):
+    """Chi-square: first tokens of 4000 batched rollouts (one prompt repeated, so one distribution)
+    follow v = w p + (1 - w) q with the head's w."""
+    from scipy.stats import chisquare
+
     prompt = encode_prompt(tiny_pair, "hello there")
     head = EnsembleHead(HeadConfig(tiny_pair.signature()))
     torch.nn.init.normal_(head.linear.weight, std=0.1)
-    r = rollout(tiny_pair, head, prompt, 12, SETTINGS.sampling, seeded_generator(0, "t", 0))
-    ids = torch.tensor([prompt + r.tokens])
-    start, end = len(prompt) - 1, len(prompt) - 1 + r.length
-    hidden, probs = [], []
-    for model in (tiny_pair.target, tiny_pair.draft):
-        h = model.base_model(input_ids=ids).last_hidden_state[0, start:end]  # [T, H]
-        hidden.append(h)
-        probs.append(logits_to_probs(model.get_output_embeddings()(h)[:, : tiny_pair.vocab_size], SETTINGS.sampling))
-    p, q = probs
-    y = torch.tensor(r.tokens).unsqueeze(-1)
-    assert torch.allclose(r.p_token, p.gather(-1, y).squeeze(-1), atol=1e-5)
-    assert torch.allclose(r.q_token, q.gather(-1, y).squeeze(-1), atol=1e-5)
-    assert torch.allclose(r.tv, total_variation(p, q), atol=1e-5)
-    assert torch.allclose(r.weights, head(hidden[1], hidden[0]), atol=1e-5)
-    assert not r.draft_hidden.requires_grad and not r.draft_hidden.is_inference()
+    rollouts = rollout_batch(tiny_pair, head, [prompt] * 4000, 1, SETTINGS.sampling, seeded_generator(1, "t", 0))
+    (h_t, h_d), (p, q) = full_forward(tiny_pair, prompt, [0])
+    w = head(h_d, h_t)[0]
+    v = (w * p[0] + (1 - w) * q[0]).detach().double()
+    counts = torch.bincount(torch.tensor([r.tokens[0] for r in rollouts]), minlength=len(v)).double()
+    support = v * 4000 >= 5
+    observed = torch.cat([counts[support], counts[~support].sum().reshape(1)])
+    expected = torch.cat([v[support], v[~support].sum().reshape(1)]) * 4000
+    assert chisquare(observed, expected).pvalue > 1e-4
 
 
 def test_acceptance_term_pushes_w_down_and_pg_term_follows_the_advantage(tiny_pair):

@@ -4,8 +4,8 @@ Both language models are frozen; only the `EnsembleHead` learns. One step:
 
 1. **Rollouts.** For each prompt of the batch, sample y from the ensemble
    `v_t = w_t p_t + (1 - w_t) q_t` at the training temperature, with `w_t` from the current
-   head. Both models decode in lockstep, one token at a time, KV-cached (`CachedModel`). Per
-   token only what the loss needs is kept: p_t(y_t), q_t(y_t), TV(p_t, q_t) and both hidden
+   head. Both models decode the whole batch in lockstep (left-padded, KV-cached, one token
+   per row per step; rows leave the batch at EOS). Per token only what the loss needs is kept: p_t(y_t), q_t(y_t), TV(p_t, q_t) and both hidden
    states. p and q do not depend on the head, so the loss recomputed from these (through the
    head alone) is exact.
 2. **Reward.** `reward_fn(example, completion_text)`; advantage A_b = R_b - baseline.
@@ -37,7 +37,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engine import CachedModel
 from .errors import UserInputError
 from .head import EnsembleHead, HeadConfig, PairSignature
 from .models import ModelPair
@@ -151,34 +150,103 @@ def rollout(
     generator: torch.Generator,
 ) -> Rollout:
     """Sample one completion from the ensemble with the current head (both models KV-cached, in lockstep)."""
+    return rollout_batch(pair, head, [prompt_ids], max_new_tokens, params, generator)[0]
+
+
+class _BatchLM:
+    """A causal LM decoding a left-padded batch with one KV cache; rows can leave the batch."""
+
+    def __init__(self, model: Any, vocab_size: int):
+        from transformers import DynamicCache
+
+        self.body = model.base_model  # the decoder stack without the LM head
+        self.lm_head = model.get_output_embeddings()
+        self.cache = DynamicCache(config=model.config)
+        self.vocab_size = vocab_size
+
+    def feed(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, positions: [A, L] appended to the cache; mask: [A, cached + L] (0 = padding).
+
+        -> logits [A, V] (float32) and last-layer hidden states [A, H] at each row's last position.
+        """
+        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True)
+        last = out.last_hidden_state[:, -1]  # [A, H]
+        return self.lm_head(last)[:, : self.vocab_size].float(), last
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every batch row not in `rows` [A'] from the cache."""
+        self.cache.batch_select_indices(rows)
+
+
+def rollout_batch(
+    pair: ModelPair,
+    head: EnsembleHead,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams,
+    generator: torch.Generator,
+) -> list[Rollout]:
+    """Sample one completion per prompt from the ensemble with the current head, all prompts at once.
+
+    Both models decode the batch in lockstep, KV-cached: prompts are left-padded (masked
+    out, positions counted from each prompt's first real token), each step feeds one token
+    per row, and a row that emits EOS leaves the batch, so finished completions cost nothing.
+    On a memory-bound CPU a step over B rows costs little more than a step over one (the
+    weights are read once), which is what makes RL rollouts affordable here.
+    """
     # The same verifier the engine uses at inference: training samples exactly the v it verifies against.
     ensemble = DynamicEnsemble(head=head)
     device = head.linear.weight.device
-    rows: list[tuple[torch.Tensor, ...]] = []
-    tokens: list[int] = []
-    ended = False
+    model_device = next(pair.target.parameters()).device
+    eos = torch.tensor(sorted(pair.eos_token_ids), device=device)
+    batch = len(prompts)
+    longest = max(len(ids) for ids in prompts)
+    ids = torch.zeros(batch, longest, dtype=torch.long)  # [B, L] left-padded (id 0 under the mask)
+    mask = torch.zeros(batch, longest, dtype=torch.long)  # [B, L]
+    for b, prompt_ids in enumerate(prompts):
+        ids[b, longest - len(prompt_ids) :] = torch.tensor(prompt_ids)
+        mask[b, longest - len(prompt_ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]
+    ids, mask, positions = ids.to(model_device), mask.to(model_device), positions.to(model_device)
+
+    rows: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in prompts]  # per prompt, per token
+    ended = [False] * batch
+    active = torch.arange(batch)  # [A] prompt index of each batch row
     with torch.inference_mode():
-        target = CachedModel(pair.target, pair.vocab_size)
-        draft = CachedModel(pair.draft, pair.vocab_size)
-        pending: list[int] = list(prompt_ids)  # the whole prompt first, then one token at a time
+        target, draft = _BatchLM(pair.target, pair.vocab_size), _BatchLM(pair.draft, pair.vocab_size)
         for _ in range(max_new_tokens):
-            target_logits, target_hidden = target.feed(pending, 1)  # [1, V], [1, H_t]
-            draft_logits, draft_hidden = draft.feed(pending, 1)  # [1, V], [1, H_d]
-            p = logits_to_probs(target_logits, params).to(device)  # [1, V]
-            q = logits_to_probs(draft_logits, params).to(device)  # [1, V]
+            target_logits, target_hidden = target.feed(ids, mask, positions)  # [A, V], [A, H_t]
+            draft_logits, draft_hidden = draft.feed(ids, mask, positions)  # [A, V], [A, H_d]
+            p = logits_to_probs(target_logits, params).to(device)  # [A, V]
+            q = logits_to_probs(draft_logits, params).to(device)  # [A, V]
             draft_hidden, target_hidden = draft_hidden.to(device), target_hidden.to(device)
-            ctx = ensemble.context(draft_hidden, target_hidden)  # weights [1]
-            v = ensemble.verification_target(p, q, ctx)  # [1, V]
-            token = sample(v, generator)  # [1]
-            rows.append((p[0, token], q[0, token], total_variation(p, q), draft_hidden, target_hidden, ctx.weights))
-            tokens.append(int(token))
-            if tokens[-1] in pair.eos_token_ids:
-                ended = True
+            ctx = ensemble.context(draft_hidden, target_hidden)  # weights [A]
+            v = ensemble.verification_target(p, q, ctx)  # [A, V]
+            tokens = sample(v, generator)  # [A]
+            p_token = p.gather(-1, tokens[:, None])[:, 0]  # [A]
+            q_token = q.gather(-1, tokens[:, None])[:, 0]  # [A]
+            tv = total_variation(p, q)  # [A]
+            for row, b in enumerate(active.tolist()):
+                rows[b].append((tokens[row], p_token[row], q_token[row], tv[row], draft_hidden[row], target_hidden[row], ctx.weights[row]))
+            finished = torch.isin(tokens, eos)  # [A]
+            for b in active[finished.cpu()].tolist():
+                ended[b] = True
+            if finished.all():
                 break
-            pending = tokens[-1:]
+            if finished.any():  # the finished rows leave the batch
+                keep = (~finished).nonzero()[:, 0].to(model_device)  # [A']
+                target.keep(keep)
+                draft.keep(keep)
+                active, mask, positions, tokens = active[keep.cpu()], mask[keep], positions[keep], tokens[keep.to(device)]
+            ids = tokens[:, None].to(model_device)  # [A, 1]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)  # [A, cached + 1]
+            positions = positions[:, -1:] + 1  # [A, 1]
     # Stacking outside inference mode gives ordinary tensors the loss can use with autograd.
-    p_token, q_token, tv, draft_h, target_h, weights = (torch.cat(column) for column in zip(*rows))
-    return Rollout(tokens, p_token, q_token, tv, draft_h, target_h, weights, ended)
+    results = []
+    for b in range(batch):
+        token, p_token, q_token, tv, draft_h, target_h, weights = (torch.stack(column) for column in zip(*rows[b]))
+        results.append(Rollout([int(t) for t in token], p_token, q_token, tv, draft_h, target_h, weights, ended[b]))
+    return results
 
 
 def completion_text(pair: ModelPair, rollout_: Rollout) -> str:
@@ -413,7 +481,7 @@ def train_step(
     # Sampling happens where the models' probabilities live.
     generator = seeded_generator(settings.seed, "step", state.step, state.head.linear.weight.device)
     state.head.eval()
-    rollouts = [rollout(pair, state.head, ids, settings.max_new_tokens, settings.sampling, generator) for _, ids in batch]
+    rollouts = rollout_batch(pair, state.head, [ids for _, ids in batch], settings.max_new_tokens, settings.sampling, generator)
     rollout_s = time.perf_counter() - started
     rewards = torch.tensor([float(reward_fn(example, completion_text(pair, r))) for (example, _), r in zip(batch, rollouts)])  # [B]
     reward_s = time.perf_counter() - started - rollout_s
