@@ -368,18 +368,23 @@ def _static_weight(label: str) -> float | None:
 
 
 def _plot_methods(ax, methods: list[dict], x_key: str, y_key: str, with_ci: bool = False) -> None:
-    """One point per method; the static-ensemble sweep as a line in order of w."""
+    """One point per method; the static-ensemble sweep as a line in order of w.
+
+    A method's colour comes from its place in `methods`, so it is the same in every panel
+    even where a panel has no point for another method (ar has no acceptance rate).
+    """
+    colours = {m["method"]: f"C{i % 10}" for i, m in enumerate(methods)}
     points = [m for m in methods if m.get(x_key) is not None and m.get(y_key) is not None]
     sweep = sorted((m for m in points if _static_weight(m["method"]) is not None), key=lambda m: _static_weight(m["method"]))
     if len(sweep) > 1:
-        ax.plot([m[x_key] for m in sweep], [m[y_key] for m in sweep], "-", color="tab:blue", alpha=0.5, label="static sweep")
+        ax.plot([m[x_key] for m in sweep], [m[y_key] for m in sweep], "-", color="grey", alpha=0.5, label="static sweep")
     for m in points:
         yerr = None
         if with_ci and m.get("quality_ci95"):
             low, high = m["quality_ci95"]
             yerr = [[max(0.0, m[y_key] - low)], [max(0.0, high - m[y_key])]]
-        ax.errorbar(m[x_key], m[y_key], yerr=yerr, fmt="o", capsize=3)
-        ax.annotate(m["method"], (m[x_key], m[y_key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.errorbar(m[x_key], m[y_key], yerr=yerr, fmt="o", capsize=3, color=colours[m["method"]])
+        ax.annotate(m["method"], (m[x_key], m[y_key]), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colours[m["method"]])
 
 
 def plot_eval(summary: dict[str, Any], path: Path) -> None:
