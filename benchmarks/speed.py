@@ -78,8 +78,38 @@ class CallCounter:
         self._handle.remove()
 
 
+class HFVerificationCounter:
+    """Counts drafted and accepted tokens of Hugging Face's sampled verification.
+
+    With do_sample, transformers verifies each round in the module-level function
+    `transformers.generation.utils._speculative_sampling` (lossless, or its static ensemble
+    with `assistant_ensemble_weight`); wrapping it records (candidate_length, n_matches) per
+    round without changing what it does. Greedy assisted decoding does not call it; then
+    acceptance is derived from the number of target calls.
+    """
+
+    def __init__(self):
+        import transformers.generation.utils as hf_utils
+
+        self._module = hf_utils
+        self._original = hf_utils._speculative_sampling
+        self.drafted = self.accepted = self.rounds = 0
+
+        def counted(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs):
+            valid_tokens, n_matches = self._original(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs)
+            self.rounds += 1
+            self.drafted += int(candidate_length)
+            self.accepted += int(n_matches)
+            return valid_tokens, n_matches
+
+        hf_utils._speculative_sampling = counted
+
+    def close(self) -> None:
+        self._module._speculative_sampling = self._original
+
+
 def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
-    """One Hugging Face generate() call; returns tokens, seconds and target rounds."""
+    """One Hugging Face generate() call; returns tokens, seconds, target rounds and (when sampled) drafted/accepted."""
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.max_new_tokens,  # same length as our runs (no early EOS)
@@ -99,14 +129,25 @@ def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
         kwargs["assistant_ensemble_weight"] = float(method.split(":")[2])
     ids = torch.tensor([prompt_ids])
     torch.manual_seed(args.seed)
-    counter = CallCounter(pair.target)
+    counter, verification = CallCounter(pair.target), HFVerificationCounter()
     start = time.perf_counter()
-    with torch.inference_mode():
-        out = pair.target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    seconds = time.perf_counter() - start
-    counter.close()
+    try:
+        with torch.inference_mode():
+            out = pair.target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    finally:
+        seconds = time.perf_counter() - start
+        counter.close()
+        verification.close()
     new_tokens = out.shape[1] - len(prompt_ids)
-    return {"new_tokens": new_tokens, "seconds": seconds, "rounds": counter.calls, "drafted": None, "accepted": None}
+    counted = verification.rounds > 0
+    return {
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "rounds": counter.calls,
+        "drafted": verification.drafted if counted else None,
+        "accepted": verification.accepted if counted else None,
+        "verified_rounds": verification.rounds if counted else None,
+    }
 
 
 def run_ours(pair, prompt_ids: list[int], spec: MethodSpec, args) -> dict:
@@ -121,13 +162,15 @@ def run_ours(pair, prompt_ids: list[int], spec: MethodSpec, args) -> dict:
 def summarize(label: str, runs: list[dict], baselines: dict[str, float], n: int, c: float, v: float) -> dict:
     tokens = sum(r["new_tokens"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
-    rounds = sum(r["rounds"] for r in runs)
-    if runs[0]["drafted"] is not None:
+    target_calls = sum(r["rounds"] for r in runs)
+    if all(r["drafted"] is not None for r in runs):  # counted: ours, or HF's sampled verification
         drafted = sum(r["drafted"] for r in runs)
         accepted = sum(r["accepted"] for r in runs)
+        rounds = sum(r.get("verified_rounds") or r["rounds"] for r in runs)
         acceptance = accepted / drafted if drafted else None
         approx = ""
-    else:  # Hugging Face: derive from rounds (each round drafts N, emits accepted + 1)
+    else:  # HF greedy or AR: derive from target calls (each round drafts N, emits accepted + 1)
+        rounds = target_calls
         accepted = tokens - rounds
         acceptance = accepted / (rounds * n) if label != "hf:ar" and rounds else None
         approx = "≈"
@@ -138,7 +181,8 @@ def summarize(label: str, runs: list[dict], baselines: dict[str, float], n: int,
         "speedup_vs_ar": tps / baselines["ar"] if "ar" in baselines else None,
         "speedup_vs_hf_ar": tps / baselines["hf:ar"] if "hf:ar" in baselines else None,
         "acceptance_rate": acceptance,
-        "mean_accepted_length": tokens / rounds if rounds else None,
+        "mean_accepted_length": 1 + accepted / rounds if rounds else None,  # SPEC §6
+        "target_calls": target_calls,
         "approx": approx,
     }
     if acceptance is not None and row["speedup_vs_ar"] is not None:

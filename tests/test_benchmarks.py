@@ -1,0 +1,55 @@
+"""benchmarks/speed.py end to end on the tiny pair: every method runs, figures are consistent,
+and Hugging Face's sampled verification is counted, not guessed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, SHARED_DATA
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"benchmark data folder {SHARED_DATA} is absent")
+
+METHODS = ["hf:ar", "hf:assisted", "hf:static:0.7", "ar", "exact", "static:0.7"]
+
+
+def test_speed_benchmark_runs_every_method_and_counts_hf_acceptance(tiny_model_dirs, tmp_path):
+    target, draft = tiny_model_dirs
+    out = tmp_path / "speed.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "speed.py"), "--target", str(target), "--draft", str(draft),
+        "--dtype", "float32", "--data-dir", str(SHARED_DATA), "--prompts", "3", "--max-new-tokens", "16",
+        "--temperature", "1", "--methods", ",".join(METHODS), "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == METHODS
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    for method in ("hf:assisted", "hf:static:0.7", "exact", "static:0.7"):
+        row = rows[method]
+        assert row["approx"] == ""  # counted at T=1, for Hugging Face too
+        assert 0 <= row["acceptance_rate"] <= 1
+        assert 1 <= row["mean_accepted_length"] <= 6  # N = 5: at most 5 accepted + 1 per round
+        assert row["efficiency"] > 0
+    assert rows["ar"]["speedup_vs_ar"] == pytest.approx(1.0) and rows["hf:ar"]["speedup_vs_hf_ar"] == pytest.approx(1.0)
+    assert rows["hf:ar"]["acceptance_rate"] is None and rows["ar"]["acceptance_rate"] is None
+
+
+def test_hf_verification_counter_restores_transformers():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.pop(0)
+    import transformers.generation.utils as hf_utils
+
+    original = hf_utils._speculative_sampling
+    counter = speed.HFVerificationCounter()
+    assert hf_utils._speculative_sampling is not original
+    counter.close()
+    assert hf_utils._speculative_sampling is original
