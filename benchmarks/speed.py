@@ -127,7 +127,7 @@ def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
             kwargs["assistant_confidence_threshold"] = 0.0
     if method.startswith("hf:static:"):
         kwargs["assistant_ensemble_weight"] = float(method.split(":")[2])
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=pair.device)
     torch.manual_seed(args.seed)
     counter, verification = CallCounter(pair.target), HFVerificationCounter()
     start = time.perf_counter()
@@ -200,6 +200,7 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
     parser.add_argument("--target")
     parser.add_argument("--draft")
     parser.add_argument("--methods", default="hf:ar,hf:assisted,hf:static:0.7,ar,exact,static:0.7")
@@ -207,7 +208,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
 
-    pair = load_pair(args.target, args.draft, args.dtype)
+    pair = load_pair(args.target, args.draft, args.dtype, device=args.device)
     prompts = [encode_prompt(pair, text) for text in benchmark_prompts(args.data_dir, args.prompts, tuple(args.tasks.split(",")))]
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     specs = {label: MethodSpec.parse(label) for label in labels if not label.startswith("hf:")}

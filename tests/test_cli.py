@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from diversed.cli import main
 from diversed.head import EnsembleHead, HeadConfig, PairSignature
@@ -65,11 +66,22 @@ def one_line_error(capsys, *argv) -> str:
         (["--method", "diversed"], "needs --head"),
         (["--method", "diversed", "--head", "/nonexistent/head"], "no ensemble head"),
         (["--method", "exact", "--weight", "0.5"], "does not apply"),
+        (["--device", "banana"], "unknown device"),
+        (["--device", "meta"], "unsupported device"),
     ],
 )
 def test_bad_options_fail_before_loading_models(capsys, extra, message):
     # No model options: these must fail before any (default-pair) model loads.
     assert message in one_line_error(capsys, "generate", "a prompt", *extra)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(capsys):
+    assert "CUDA is not available" in one_line_error(capsys, "generate", "a prompt", "--device", "cuda")
+
+
+def test_explicit_cpu_device(capsys, tiny_model_dirs):
+    assert main(["generate", "hello", *tiny_args(tiny_model_dirs), "--device", "cpu", "--max-new-tokens", "4", "--seed", "0"]) == 0
 
 
 def test_unknown_method_is_rejected(capsys):
@@ -84,7 +96,7 @@ def test_empty_prompt(capsys):
 
 
 def test_prompt_longer_than_context(capsys, tiny_model_dirs):
-    assert "context window" in one_line_error(capsys, "generate", "x" * 600, *tiny_args(tiny_model_dirs), "--raw")
+    assert "context window" in one_line_error(capsys, "generate", "x" * 2100, *tiny_args(tiny_model_dirs), "--raw")
 
 
 def test_mismatched_head(capsys, tiny_model_dirs, tmp_path):

@@ -24,6 +24,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target", help="target model: Hugging Face id, local directory or .gguf file")
     group.add_argument("--draft", help="draft model (same vocabulary as the target)")
     group.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default: bfloat16)")
+    group.add_argument("--device", default="cpu", help="where both models run: cpu, cuda, cuda:N, mps (default: cpu)")
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = method_spec_from_args(args)
     config = config_from_args(args)
     needs_draft = spec is None or spec.method != "ar"
-    pair = load_pair(args.target, args.draft, args.dtype, with_draft=needs_draft)
+    pair = load_pair(args.target, args.draft, args.dtype, with_draft=needs_draft, device=args.device)
     if spec is None:
         spec, why = default_method(pair)
         print(f"note: {why}", file=sys.stderr)

@@ -202,8 +202,9 @@ def autoregressive_step(
     return RoundOutcome([token], 0, 0)
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """The sampling generator, on the device the probabilities live on."""
+    generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
@@ -233,9 +234,9 @@ def decode(
         raise UserInputError("the prompt is empty")
     metrics = metrics if metrics is not None else Metrics()
     started = time.perf_counter()
-    generator = make_generator(config.seed)
     params = config.sampling
     target = CachedModel(target_model, vocab_size)
+    generator = make_generator(config.seed, target.device)
     draft = CachedModel(draft_model, vocab_size) if verifier is not None else None
     if verifier is not None and draft_model is None:
         raise UserInputError("speculative methods need a draft model")

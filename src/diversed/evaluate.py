@@ -543,7 +543,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     out_dir = Path(args.out)
     check_settings(out_dir, settings)  # fail before the (slow) model load
-    pair = load_pair(args.target, args.draft, args.dtype, with_draft=any(spec.method != "ar" for spec in specs))
+    pair = load_pair(args.target, args.draft, args.dtype, with_draft=any(spec.method != "ar" for spec in specs), device=args.device)
     summary = run_eval(pair, task, examples, specs, settings, out_dir)
     print(summary_markdown(summary))
     print(f"rows, summary and plot in {out_dir}/", file=sys.stderr)
@@ -556,7 +556,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     task, examples = _load(args.task, args.split, args.n, args.data_dir)
     weights = _parse_weights(args.weights)
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
-    pair = load_pair(args.target, args.draft, args.dtype)
+    pair = load_pair(args.target, args.draft, args.dtype, device=args.device)
     front = theoretical_front(pair, task, examples, params, weights, raw=args.raw)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

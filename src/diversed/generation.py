@@ -88,7 +88,7 @@ def default_method(pair: ModelPair) -> tuple[MethodSpec, str]:
 
 def build_verifier(pair: ModelPair, spec: MethodSpec) -> Verifier | None:
     """The verifier for a method spec (None for `ar`), loading and checking a head if needed."""
-    head = load_head(spec.head, pair.signature()) if spec.method == "diversed" and spec.head else None
+    head = load_head(spec.head, pair.signature()).to(pair.device) if spec.method == "diversed" and spec.head else None
     if spec.method != "ar" and pair.draft is None:
         raise UserInputError(f"--method {spec.method} needs a draft model")
     return make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule, head=head)

@@ -150,7 +150,25 @@ def _ensure_dir(path: Path) -> Path:
     return path
 
 
-def load_model(spec: str, dtype: str = "bfloat16"):
+def resolve_device(device: str) -> torch.device:
+    """A torch device the models can run on: "cpu", "cuda", "cuda:1", "mps"; a clear error otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"--device {device}: MPS is not available on this machine")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise UserInputError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+    return resolved
+
+
+def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu"):
     """(model, tokenizer, name) from an embedded model name, a local dir, a .gguf file or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -159,6 +177,7 @@ def load_model(spec: str, dtype: str = "bfloat16"):
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
+    target_device = resolve_device(device)
     kwargs: dict[str, Any] = {}
     if spec in EMBEDDED:
         location, name = str(convert_embedded(EMBEDDED[spec])), spec
@@ -175,7 +194,7 @@ def load_model(spec: str, dtype: str = "bfloat16"):
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {spec!r}: {first_line}") from None
-    model.eval().requires_grad_(False)
+    model.to(target_device).eval().requires_grad_(False)
     return model, tokenizer, name
 
 
@@ -196,6 +215,11 @@ class ModelPair:
         if self.draft is not None:
             sizes.append(self.draft.get_output_embeddings().out_features)
         return min(sizes)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models (and so their probabilities, heads and sampling generators) live."""
+        return next(self.target.parameters()).device
 
     @property
     def context_window(self) -> int:
@@ -239,11 +263,14 @@ def check_vocabularies(target_tokenizer: Any, draft_tokenizer: Any, target_name:
     )
 
 
-def load_pair(target: str | None = None, draft: str | None = None, dtype: str = "bfloat16", with_draft: bool = True) -> ModelPair:
-    """Load a pair; both default to the embedded Qwen2.5-Coder pair."""
-    target_model, tokenizer, target_name = load_model(target or DEFAULT_TARGET.name, dtype)
+def load_pair(
+    target: str | None = None, draft: str | None = None, dtype: str = "bfloat16", with_draft: bool = True, device: str = "cpu"
+) -> ModelPair:
+    """Load a pair onto one device; both default to the embedded Qwen2.5-Coder pair."""
+    resolve_device(device)  # fail before the (slow) load
+    target_model, tokenizer, target_name = load_model(target or DEFAULT_TARGET.name, dtype, device)
     if not with_draft:
         return ModelPair(target_model, None, tokenizer, target_name, None)
-    draft_model, draft_tokenizer, draft_name = load_model(draft or DEFAULT_DRAFT.name, dtype)
+    draft_model, draft_tokenizer, draft_name = load_model(draft or DEFAULT_DRAFT.name, dtype, device)
     check_vocabularies(tokenizer, draft_tokenizer, target_name, draft_name)
     return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name)

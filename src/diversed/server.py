@@ -808,7 +808,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     needs_draft = any(method != "ar" for method in settings.allowed_methods)
-    pair = load_pair(args.target, args.draft, args.dtype, with_draft=needs_draft)
+    pair = load_pair(args.target, args.draft, args.dtype, with_draft=needs_draft, device=args.device)
     app = create_app(pair, settings)
     print(
         f"serving {settings.model_name or pair.target_name} (draft {pair.draft_name}) on http://{args.host}:{args.port}/v1, "
