@@ -75,7 +75,10 @@ class TrainSettings:
     top_k: int = 0
     top_p: float = 1.0
     lam: float = 0.1  # weight of the acceptance term S (per token, reward in [0, 1]; see docs)
-    lr: float = 5e-4
+    # Not SPEC §5's 'about 5e-4': the head reads raw hidden states (sum of |h| about 7,300 per
+    # position for the default pair), so Adam's first ~lr-sized steps move w's logit by up to
+    # 2 * lr * 7300: 7 at 5e-4 (w saturates in one step), 0.15 at 1e-5 (docs/training.md).
+    lr: float = 1e-5
     warmup_steps: int = 10  # linear warm-up from lr/warmup_steps to lr, then constant
     weight_decay: float = 0.0  # AdamW decay would pull w towards 0.5, not towards 0
     grad_clip: float = 1.0  # max global gradient norm of the head
