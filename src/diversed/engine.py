@@ -151,7 +151,7 @@ def verify_block(
         accepted = verifier.greedy_accept(p_block, q, drafted, ctx)  # [n] bool
     else:
         accept_drafted = acceptance.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # [n]
-        accepted = torch.rand(n, generator=generator) < accept_drafted  # [n] bool
+        accepted = torch.rand(n, generator=generator, device=p.device) < accept_drafted  # [n] bool
     rejected = (~accepted).nonzero()
     k = int(rejected[0]) if rejected.numel() else n
     if k < n:
