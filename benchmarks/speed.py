@@ -78,6 +78,9 @@ class CallCounter:
         self._handle.remove()
 
 
+HF_DEFAULT_CONFIDENCE = 0.4  # transformers' default assistant_confidence_threshold
+
+
 class HFVerificationCounter:
     """Counts drafted and accepted tokens of Hugging Face's sampled verification.
 
@@ -93,13 +96,14 @@ class HFVerificationCounter:
 
         self._module = hf_utils
         self._original = hf_utils._speculative_sampling
-        self.drafted = self.accepted = self.rounds = 0
+        self.drafted = self.accepted = self.rounds = self.longest_draft = 0
 
         def counted(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs):
             valid_tokens, n_matches = self._original(candidate_input_ids, candidate_logits, candidate_length, new_logits, **kwargs)
             self.rounds += 1
             self.drafted += int(candidate_length)
             self.accepted += int(n_matches)
+            self.longest_draft = max(self.longest_draft, int(candidate_length))
             return valid_tokens, n_matches
 
         hf_utils._speculative_sampling = counted
@@ -122,9 +126,15 @@ def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
     if args.temperature > 0:
         kwargs["temperature"] = args.temperature
     if method != "hf:ar":
-        kwargs.update(assistant_model=pair.draft, num_assistant_tokens=args.draft_length, num_assistant_tokens_schedule="constant")
-        if not args.hf_confidence_stop:
-            kwargs["assistant_confidence_threshold"] = 0.0
+        kwargs["assistant_model"] = pair.draft
+        # transformers reads the draft length, its schedule and the confidence stop from the
+        # *assistant's* generation_config (AssistedCandidateGenerator copies it); passed to
+        # generate() they land in the target's and are ignored, leaving the defaults: up to 20
+        # draft tokens with a 0.4 confidence stop. Set them where they are read.
+        assistant = pair.draft.generation_config
+        assistant.num_assistant_tokens = args.draft_length
+        assistant.num_assistant_tokens_schedule = "constant"
+        assistant.assistant_confidence_threshold = HF_DEFAULT_CONFIDENCE if args.hf_confidence_stop else 0.0
     if method.startswith("hf:static:"):
         kwargs["assistant_ensemble_weight"] = float(method.split(":")[2])
     ids = torch.tensor([prompt_ids], device=pair.device)
@@ -147,6 +157,7 @@ def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
         "drafted": verification.drafted if counted else None,
         "accepted": verification.accepted if counted else None,
         "verified_rounds": verification.rounds if counted else None,
+        "longest_draft": verification.longest_draft if counted else None,
     }
 
 
@@ -182,6 +193,7 @@ def summarize(label: str, runs: list[dict], baselines: dict[str, float], n: int,
         "speedup_vs_hf_ar": tps / baselines["hf:ar"] if "hf:ar" in baselines else None,
         "acceptance_rate": acceptance,
         "mean_accepted_length": 1 + accepted / rounds if rounds else None,  # SPEC §6
+        "drafted_per_round": drafted / rounds if approx == "" and rounds else None,
         "target_calls": target_calls,
         "approx": approx,
     }
@@ -204,7 +216,7 @@ def main() -> int:
     parser.add_argument("--target")
     parser.add_argument("--draft")
     parser.add_argument("--methods", default="hf:ar,hf:assisted,hf:static:0.7,ar,exact,static:0.7")
-    parser.add_argument("--hf-confidence-stop", action="store_true", help="keep HF's default early draft stop (assistant_confidence_threshold)")
+    parser.add_argument("--hf-confidence-stop", action="store_true", help=f"let HF stop drafting below confidence {HF_DEFAULT_CONFIDENCE} (its default); off: HF drafts exactly N like ours")
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
 
@@ -229,13 +241,14 @@ def main() -> int:
     rows = [summarize(label, runs[label], baselines, args.draft_length, c, v) for label in labels]
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}; "
           f"{len(prompts)} prompts x {args.max_new_tokens} tokens, T={args.temperature}, N={args.draft_length}; c={c:.3f}, v={v:.3f}")
-    print("| method | tok/s | speedup vs ar | speedup vs hf:ar | acceptance | mean accepted length | efficiency |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | tok/s | speedup vs ar | speedup vs hf:ar | acceptance | mean accepted length | drafted per round | efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
     fmt = lambda x, spec: "–" if x is None else format(x, spec)  # noqa: E731
     for row in rows:
         print(
             f"| {row['method']} | {row['tokens_per_second']:.2f} | {fmt(row['speedup_vs_ar'], '.2f')}x | {fmt(row['speedup_vs_hf_ar'], '.2f')}x "
-            f"| {row['approx']}{fmt(row['acceptance_rate'], '.1%')} | {row['approx']}{fmt(row['mean_accepted_length'], '.2f')} | {fmt(row.get('efficiency'), '.2f')} |"
+            f"| {row['approx']}{fmt(row['acceptance_rate'], '.1%')} | {row['approx']}{fmt(row['mean_accepted_length'], '.2f')} "
+            f"| {fmt(row['drafted_per_round'], '.2f')} | {fmt(row.get('efficiency'), '.2f')} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"c": c, "v": v, "args": {k: str(val) for k, val in vars(args).items()}, "rows": rows}, indent=2))

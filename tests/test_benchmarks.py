@@ -3,6 +3,7 @@ and Hugging Face's sampled verification is counted, not guessed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -36,16 +37,36 @@ def test_speed_benchmark_runs_every_method_and_counts_hf_acceptance(tiny_model_d
         assert 0 <= row["acceptance_rate"] <= 1
         assert 1 <= row["mean_accepted_length"] <= 6  # N = 5: at most 5 accepted + 1 per round
         assert row["efficiency"] > 0
+        assert 1 <= row["drafted_per_round"] <= 5
     assert rows["ar"]["speedup_vs_ar"] == pytest.approx(1.0) and rows["hf:ar"]["speedup_vs_hf_ar"] == pytest.approx(1.0)
     assert rows["hf:ar"]["acceptance_rate"] is None and rows["ar"]["acceptance_rate"] is None
 
 
-def test_hf_verification_counter_restores_transformers():
+def test_hf_assisted_drafts_exactly_n_tokens(tiny_model_dirs):
+    """transformers reads the draft length and confidence stop from the assistant's own
+    generation_config; passing them to generate() alone left HF drafting up to 20 tokens."""
+    speed = import_speed()
+    from diversed.generation import encode_prompt
+    from diversed.models import load_pair
+
+    pair = load_pair(str(tiny_model_dirs[0]), str(tiny_model_dirs[1]), dtype="float32")
+    args = argparse.Namespace(max_new_tokens=24, temperature=1.0, draft_length=3, hf_confidence_stop=False, seed=0)
+    for method in ("hf:assisted", "hf:static:0.7"):
+        run = speed.run_hf(pair, encode_prompt(pair, "hello there"), method, args)
+        assert run["longest_draft"] == 3 and run["drafted"] <= 3 * run["verified_rounds"]
+
+
+def import_speed():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import speed
     finally:
         sys.path.pop(0)
+    return speed
+
+
+def test_hf_verification_counter_restores_transformers():
+    speed = import_speed()
     import transformers.generation.utils as hf_utils
 
     original = hf_utils._speculative_sampling
