@@ -193,7 +193,7 @@ def summarize(label: str, runs: list[dict], baselines: dict[str, float], n: int,
         "speedup_vs_hf_ar": tps / baselines["hf:ar"] if "hf:ar" in baselines else None,
         "acceptance_rate": acceptance,
         "mean_accepted_length": 1 + accepted / rounds if rounds else None,  # SPEC §6
-        "drafted_per_round": drafted / rounds if approx == "" and rounds else None,
+        "drafted_per_round": drafted / rounds if approx == "" and rounds and drafted else None,
         "target_calls": target_calls,
         "approx": approx,
     }
