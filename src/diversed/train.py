@@ -5,9 +5,9 @@ Both language models are frozen; only the `EnsembleHead` learns. One step:
 1. **Rollouts.** For each prompt of the batch, sample y from the ensemble
    `v_t = w_t p_t + (1 - w_t) q_t` at the training temperature, with `w_t` from the current
    head. Both models decode the whole batch in lockstep (left-padded, KV-cached, one token
-   per row per step; rows leave the batch at EOS). Per token only what the loss needs is kept: p_t(y_t), q_t(y_t), TV(p_t, q_t) and both hidden
-   states. p and q do not depend on the head, so the loss recomputed from these (through the
-   head alone) is exact.
+   per row per step; rows leave the batch at EOS). Per token only what the loss needs is
+   kept: p_t(y_t), q_t(y_t), TV(p_t, q_t) and both hidden states. p and q do not depend on
+   the head, so the loss recomputed from these (through the head alone) is exact.
 2. **Reward.** `reward_fn(example, completion_text)`; advantage A_b = R_b - baseline.
 3. **Loss.** `loss = (L_pg - lam * S) / M`, M = max_new_tokens (a constant), where
    `L_pg = -mean_b[A_b * sum_t log v_t(y_t)]` and `S = mean_b sum_t (1 - w_t TV(q_t, p_t))`.
@@ -200,7 +200,7 @@ def rollout_batch(
     # The same verifier the engine uses at inference: training samples exactly the v it verifies against.
     ensemble = DynamicEnsemble(head=head)
     device = head.linear.weight.device
-    model_device = next(pair.target.parameters()).device
+    model_device = pair.device
     eos = torch.tensor(sorted(pair.eos_token_ids), device=device)
     batch = len(prompts)
     longest = max(len(ids) for ids in prompts)
@@ -571,7 +571,7 @@ def train_head(
         print(f"note: skipping {skipped} prompts too long for the context window", file=sys.stderr)
     check_run(out_dir, {"settings": asdict(settings), "pair": asdict(signature), "examples": example_digest([e for e, _ in prompts])})
 
-    device = next(pair.target.parameters()).device
+    device = pair.device
     state = new_state(settings, signature, device)
     checkpoints = checkpoint_paths(out_dir)
     if checkpoints:
