@@ -74,3 +74,24 @@ def test_hf_verification_counter_restores_transformers():
     assert hf_utils._speculative_sampling is not original
     counter.close()
     assert hf_utils._speculative_sampling is original
+
+
+def test_head_weights_report_on_the_tiny_pair(tiny_pair, tiny_model_dirs, tmp_path):
+    """benchmarks/head_weights.py reads an eval run's rows and prints w against TV per token kind."""
+    from diversed.head import EnsembleHead, HeadConfig
+
+    EnsembleHead(HeadConfig(tiny_pair.signature())).save(tmp_path / "head")
+    rows = [{"example_id": f"test-{i}", "method": "exact", "completion": "She has 16 - 3 = 13 eggs.\n#### 13"} for i in range(2)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target, draft = tiny_model_dirs
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "head_weights.py"), "--head", str(tmp_path / "head"), "--task", "gsm8k",
+        "--rows", str(tmp_path / "rows.jsonl"), "--data-dir", str(SHARED_DATA), "--target", str(target), "--draft", str(draft),
+        "--dtype", "float32",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "w: mean 0.500" in done.stdout  # a fresh head is w = 0.5 everywhere
+    table = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert {row[1].strip() for row in table} >= {"number", "operator", "word"}
+    assert abs(sum(float(row[5].strip(" %")) for row in table) - 100) < 0.5  # bias shares add up

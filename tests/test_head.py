@@ -43,3 +43,17 @@ def test_loading_for_another_pair_is_an_error(tmp_path):
 def test_missing_head_is_a_user_error(tmp_path):
     with pytest.raises(UserInputError, match="no ensemble head"):
         load_head(tmp_path / "nothing")
+
+
+def test_default_method_uses_only_the_designated_head(tmp_path):
+    """A shipped task head never silently becomes the default; the designated one does, for its own pair."""
+    from types import SimpleNamespace
+
+    from diversed.generation import MethodSpec, default_method
+
+    EnsembleHead(HeadConfig(PAIR)).save(tmp_path / "general")
+    pair = SimpleNamespace(signature=lambda: PAIR)
+    other_pair = SimpleNamespace(signature=lambda: PairSignature("t", "other-draft", 6, 4, 100))
+    assert default_method(pair, default_head=str(tmp_path / "general"))[0] == MethodSpec("diversed", head=str(tmp_path / "general"))
+    assert default_method(pair, default_head=None)[0] == MethodSpec("static", weight=0.7)
+    assert default_method(other_pair, default_head=str(tmp_path / "general"))[0].method == "static"

@@ -83,3 +83,17 @@ def test_cli_generate_json_on_the_default_pair():
     data = json.loads(out.stdout)
     assert data["text"].strip() and len(data["token_ids"]) <= 16
     assert data["metrics"]["drafted"] > 0 and 0 <= data["metrics"]["acceptance_rate"] <= 1
+
+
+@pytest.mark.ci
+def test_shipped_heads_fit_the_default_pair_and_decode(pair_fp32):
+    """Every head in the package loads for the embedded pair (`--head NAME`) and drives decoding."""
+    from diversed.head import load_head, shipped_head_names
+
+    names = shipped_head_names()
+    assert names, "the package ships at least one trained head"
+    for name in names:
+        head = load_head(name, pair_fp32.signature())
+        assert head.config.extra["task"] and head.config.extra["training"]["steps"] > 0
+        result = generate(pair_fp32, PROMPTS[1], MethodSpec("diversed", head=name), GenerationConfig(max_new_tokens=8, draft_length=5, seed=0))
+        assert 0 < len(result.token_ids) <= 8 and result.metrics.drafted > 0
