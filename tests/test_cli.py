@@ -28,7 +28,7 @@ def test_generate_json(capsys, tiny_model_dirs):
     data = json.loads(out)
     assert set(data) >= {"text", "token_ids", "method", "metrics"}
     assert data["method"] == "static:0.7"
-    assert "no ensemble head for this pair; using --method static --weight 0.7" in err
+    assert "no general-purpose ensemble head for this pair; using --method static --weight 0.7" in err
     metrics = data["metrics"]
     for name in ("drafted", "accepted", "rounds", "acceptance_rate", "mean_accepted_length", "accepted_per_position",
                  "new_tokens", "seconds", "tokens_per_second", "estimated_bias"):
