@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from diversed.evaluate import encodable_examples
+from diversed.evaluate import encodable_examples, teacher_forced
 from diversed.head import EnsembleHead, load_head
 from diversed.models import ModelPair, load_pair
-from diversed.sampling import SamplingParams, logits_to_probs
+from diversed.sampling import SamplingParams, total_variation
 from diversed.tasks import get_task
-from diversed.sampling import total_variation
 
 KINDS = ("number", "operator", "newline", "word", "other")
 
@@ -46,18 +45,12 @@ def token_kind(text: str) -> str:
     return "other"
 
 
-@torch.inference_mode()
 def weights_along(pair: ModelPair, head: EnsembleHead, prompt_ids: list[int], completion_ids: list[int], params: SamplingParams):
-    """(w [T], TV [T]) at each completion position, both models teacher-forced, one forward each."""
-    ids = torch.tensor([(prompt_ids + completion_ids)[: pair.context_window]])
-    start, end = len(prompt_ids) - 1, ids.shape[1] - 1  # the state at position j predicts token j + 1
-    hidden, probs = [], []
-    for model in (pair.target, pair.draft):
-        h = model.base_model(input_ids=ids.to(pair.device)).last_hidden_state[0, start:end]  # [T, H]
-        hidden.append(h)
-        probs.append(logits_to_probs(model.get_output_embeddings()(h)[:, : pair.vocab_size].float(), params))
-    w = head(hidden[1].float(), hidden[0].float())  # [T]
-    return w.cpu(), total_variation(probs[0], probs[1]).cpu()
+    """(w [T], TV [T]) at each completion position, both models teacher-forced."""
+    (target_hidden, draft_hidden), (p, q) = teacher_forced(pair, prompt_ids, completion_ids, params)
+    with torch.no_grad():
+        w = head(draft_hidden, target_hidden)  # [T]
+    return w, total_variation(p, q)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     task = get_task(args.task)
     examples = {e.id: e for e in task.load("test", None, args.data_dir)}
     pair = load_pair(args.target, args.draft, dtype=args.dtype)
-    head = load_head(args.head, pair.signature()).to(pair.device)
+    head = load_head(args.head, pair.signature())
     prompts = dict((e.id, ids) for e, ids in encodable_examples(pair, task, [examples[r["example_id"]] for r in rows], raw=False)[0])
     params = SamplingParams(temperature=args.temperature)
 

@@ -410,20 +410,29 @@ def plot_eval(summary: dict[str, Any], path: Path) -> None:
 
 
 @torch.inference_mode()
+def teacher_forced(
+    pair: ModelPair, prompt_ids: list[int], continuation_ids: list[int], params: SamplingParams
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Both models over prompt + continuation, one forward each, at the continuation positions.
+
+    -> ([target hidden [T, H_t], draft hidden [T, H_d]], [p [T, V], q [T, V]]), on the CPU.
+    """
+    ids = (prompt_ids + continuation_ids)[: pair.context_window]
+    start, end = len(prompt_ids) - 1, len(ids) - 1  # the state at position j predicts token j + 1
+    hidden, probs = [], []
+    for model in (pair.target, pair.draft):
+        tokens = torch.tensor([ids], device=next(model.parameters()).device)
+        h = model.base_model(input_ids=tokens).last_hidden_state[0, start:max(start, end)]  # [T, H]
+        logits = model.get_output_embeddings()(h)[:, : pair.vocab_size]  # [T, V]
+        hidden.append(h.float().cpu())
+        probs.append(logits_to_probs(logits, params).cpu())
+    return hidden, probs
+
+
 def position_tv(pair: ModelPair, prompt_ids: list[int], continuation_ids: list[int], params: SamplingParams) -> torch.Tensor:
     """TV(p_i, q_i) at each continuation position, both models teacher-forced (one forward each). -> [T]."""
-    ids = (prompt_ids + continuation_ids)[: pair.context_window]
-    start, end = len(prompt_ids) - 1, len(ids) - 1  # logits at position j predict token j + 1
-    if end <= start:
-        return torch.zeros(0)
-    tokens = torch.tensor([ids])
-    probs = []
-    for model in (pair.target, pair.draft):
-        tokens = tokens.to(next(model.parameters()).device)
-        hidden = model.base_model(input_ids=tokens).last_hidden_state[0, start:end]  # [T, H]
-        logits = model.get_output_embeddings()(hidden)[:, : pair.vocab_size]  # [T, V]
-        probs.append(logits_to_probs(logits, params).cpu())
-    return total_variation(probs[0], probs[1])
+    _, (p, q) = teacher_forced(pair, prompt_ids, continuation_ids, params)
+    return total_variation(p, q)
 
 
 def theoretical_front(
