@@ -76,6 +76,7 @@ def test_bad_options_fail_before_loading_models(capsys, extra, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA (tests/test_cuda.py covers it)")
 def test_cuda_device_without_cuda_is_a_clear_error(capsys):
     assert "CUDA is not available" in one_line_error(capsys, "generate", "a prompt", "--device", "cuda")
 

@@ -51,7 +51,7 @@ def small_vocab_pair(tmp_path_factory):
 def random_head(pair) -> EnsembleHead:
     head = EnsembleHead(HeadConfig(pair.signature()))
     torch.nn.init.normal_(head.linear.weight, std=2.0, generator=torch.Generator().manual_seed(0))
-    return head
+    return head.to(pair.device)
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def theory(pair, verifier: Verifier, confidence: float = 0.0):
 
 
 def simulate(pair, verifier: Verifier, rounds: int, seed: int = 0, confidence: float = 0.0):
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=pair.device).manual_seed(seed)
     target = CachedModel(pair.target, pair.vocab_size)
     draft = CachedModel(pair.draft, pair.vocab_size)
     metrics = Metrics()

@@ -45,8 +45,8 @@ def length_parity(example: str, completion: str) -> float:
 
 def fixed_rollouts(pair, n: int = 4, tokens: int = 12) -> list[Rollout]:
     """Rollouts of the initial head (w = 0.5) to evaluate other heads' w on the same hidden states."""
-    head = EnsembleHead(HeadConfig(pair.signature()))
-    generator = seeded_generator(123, "eval", 0)
+    head = EnsembleHead(HeadConfig(pair.signature())).to(pair.device)
+    generator = seeded_generator(123, "eval", 0, pair.device)
     return [rollout(pair, head, encode_prompt(pair, text), tokens, SETTINGS.sampling, generator) for text in PROMPTS[:n]]
 
 
