@@ -95,3 +95,16 @@ def test_head_weights_report_on_the_tiny_pair(tiny_pair, tiny_model_dirs, tmp_pa
     table = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert {row[1].strip() for row in table} >= {"number", "operator", "word"}
     assert abs(sum(float(row[5].strip(" %")) for row in table) - 100) < 0.5  # bias shares add up
+
+
+def test_rollouts_benchmark_prints_a_row_per_batch_shape(tiny_model_dirs):
+    target, draft = tiny_model_dirs
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "rollouts.py"), "--data-dir", str(SHARED_DATA), "--target", str(target),
+        "--draft", str(draft), "--dtype", "float32", "--batch-sizes", "1,2", "--samples-per-prompt", "1,3", "--max-new-tokens", "4",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(int(r[1]), int(r[2]), int(r[3])) for r in rows] == [(1, 1, 1), (1, 3, 3), (2, 1, 2), (2, 3, 6)]
+    assert all(0 < int(r[4]) <= 4 * int(r[3]) for r in rows)  # at most max_new_tokens per rollout

@@ -94,6 +94,41 @@ def test_batched_rollout_scalars_match_an_unbatched_full_forward(tiny_pair):
         assert not r.draft_hidden.requires_grad and not r.draft_hidden.is_inference()
 
 
+def test_grouped_rollouts_share_one_prefill_and_equal_repeated_prompts(tiny_pair):
+    """repeats=K (one prefill, cache copied) samples exactly what K copies of the prompt would."""
+    prompts = [encode_prompt(tiny_pair, "hello there"), encode_prompt(tiny_pair, "why?")]
+    head = EnsembleHead(HeadConfig(tiny_pair.signature()))
+    torch.nn.init.normal_(head.linear.weight, std=0.1)
+    repeated = [ids for ids in prompts for _ in range(3)]
+    plain = rollout_batch(tiny_pair, head, repeated, 12, SETTINGS.sampling, seeded_generator(5, "t", 0))
+    grouped = rollout_batch(tiny_pair, head, prompts, 12, SETTINGS.sampling, seeded_generator(5, "t", 0), repeats=3)
+    assert len(grouped) == 6
+    assert len({tuple(r.tokens) for r in grouped[:3]}) > 1  # the samples of one prompt differ
+    for a, b in zip(plain, grouped):
+        assert a.tokens == b.tokens and a.ended == b.ended
+        torch.testing.assert_close(a.p_token, b.p_token)
+        torch.testing.assert_close(a.target_hidden, b.target_hidden)
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tiny_pair, tmp_path):
+    train_head(tiny_pair, PROMPTS, identity, length_parity, SETTINGS, tmp_path, progress=False, stop_after=1)
+    run = json.loads((tmp_path / "run.json").read_text())
+    del run["settings"]["samples_per_prompt"]  # as written by a version without the setting
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    train_head(tiny_pair, PROMPTS, identity, length_parity, SETTINGS, tmp_path, progress=False)
+    with pytest.raises(UserInputError, match="samples_per_prompt: 1 there, 2 now"):
+        train_head(tiny_pair, PROMPTS, identity, length_parity, replace(SETTINGS, samples_per_prompt=2), tmp_path, progress=False)
+
+
+def test_group_training_logs_grouped_rewards(tiny_pair, tmp_path):
+    settings = replace(SETTINGS, epochs=1, samples_per_prompt=3, baseline="group")
+    train_head(tiny_pair, PROMPTS, identity, length_parity, settings, tmp_path, progress=False)
+    rows = read_log(tmp_path)
+    assert len(rows) == 2  # 4 prompts, 2 a step
+    assert all(row["ended_with_eos"] <= 6 for row in rows)
+    assert all(row["tokens"] > 12 for row in rows)  # 6 rollouts a step, not 2 (max 10 tokens each)
+
+
 def test_batched_rollouts_sample_the_ensemble(tiny_pair):
     """Chi-square: first tokens of 4000 batched rollouts (one prompt repeated, so one distribution)
     follow v = w p + (1 - w) q with the head's w."""
@@ -145,11 +180,11 @@ def test_raising_lambda_lowers_w(tiny_pair, tmp_path):
 def test_running_baseline_uses_past_batches_only():
     baseline = RewardBaseline("running", decay=0.9)
     first = torch.tensor([1.0, 0.0])
-    assert baseline.current(first) == 0.5  # no history yet: the batch's own mean
+    assert baseline.current(first).tolist() == [0.5, 0.5]  # no history yet: the batch's own mean
     baseline.update(first)
     assert baseline.value == 0.5
     second = torch.tensor([1.0, 1.0])
-    assert baseline.current(second) == 0.5  # not this batch's mean (1.0)
+    assert baseline.current(second).tolist() == [0.5, 0.5]  # not this batch's mean (1.0)
     baseline.update(second)
     assert baseline.value == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
 
@@ -158,8 +193,17 @@ def test_batch_baseline_centres_each_batch():
     baseline = RewardBaseline("batch")
     baseline.update(torch.tensor([5.0, 5.0]))
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    assert baseline.current(rewards) == 0.25
+    assert torch.all(baseline.current(rewards) == 0.25)
     assert float((rewards - baseline.current(rewards)).sum()) == 0.0
+
+
+def test_group_baseline_is_the_mean_of_the_prompts_other_samples():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two prompts, 4 samples each
+    baseline = RewardBaseline("group").current(rewards, group_size=4)
+    assert baseline.tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3, 1 / 3, 1.0, 1.0, 1.0, 1.0])
+    advantages = (rewards - baseline).reshape(2, 4)
+    assert torch.allclose(advantages.sum(-1), torch.zeros(2), atol=1e-6)  # centred within each prompt
+    assert torch.all(advantages[1] == 0)  # a prompt every sample solves teaches nothing about w
 
 
 def test_training_log_records_the_running_baseline(tiny_pair, tmp_path):
@@ -211,7 +255,7 @@ def test_resume_refuses_other_settings(tiny_pair, tmp_path):
 
 
 def test_bad_settings_are_user_errors():
-    for bad in ({"temperature": 0.0}, {"batch_size": 0}, {"lam": -1.0}, {"baseline": "median"}):
+    for bad in ({"temperature": 0.0}, {"batch_size": 0}, {"lam": -1.0}, {"baseline": "median"}, {"samples_per_prompt": 0}, {"baseline": "group"}):
         with pytest.raises(UserInputError):
             TrainSettings(**bad)
 

@@ -2,13 +2,14 @@
 
 Both language models are frozen; only the `EnsembleHead` learns. One step:
 
-1. **Rollouts.** For each prompt of the batch, sample y from the ensemble
-   `v_t = w_t p_t + (1 - w_t) q_t` at the training temperature, with `w_t` from the current
-   head. Both models decode the whole batch in lockstep (left-padded, KV-cached, one token
+1. **Rollouts.** For each prompt of the batch, sample y (`samples_per_prompt` times, from
+   one shared prefill) from the ensemble `v_t = w_t p_t + (1 - w_t) q_t` at the training
+   temperature, with `w_t` from the current head. Both models decode the whole batch in lockstep (left-padded, KV-cached, one token
    per row per step; rows leave the batch at EOS). Per token only what the loss needs is
    kept: p_t(y_t), q_t(y_t), TV(p_t, q_t) and both hidden states. p and q do not depend on
    the head, so the loss recomputed from these (through the head alone) is exact.
-2. **Reward.** `reward_fn(example, completion_text)`; advantage A_b = R_b - baseline.
+2. **Reward.** `reward_fn(example, completion_text)`; advantage A_b = R_b - baseline_b
+   (a running mean, the batch mean, or the mean of the prompt's other samples).
 3. **Loss.** `loss = (L_pg - lam * S) / M`, M = max_new_tokens (a constant), where
    `L_pg = -mean_b[A_b * sum_t log v_t(y_t)]` and `S = mean_b sum_t (1 - w_t TV(q_t, p_t))`.
    S (expected accepted drafts per sequence) is *maximised*.
@@ -50,7 +51,7 @@ CHECKPOINT_DIR = "checkpoints"
 HEAD_NAME = "head"  # the trained head: out_dir/head.{json,safetensors}
 CHECKPOINT_FORMAT = "diversed-train-checkpoint/1"
 KEEP_CHECKPOINTS = 2
-BASELINES = ("running", "batch")
+BASELINES = ("running", "batch", "group")
 # Task scores in percent (ROUGE, BLEU) are divided by 100 so every reward lies in [0, 1] and
 # one lam means the same trade-off on every task.
 PERCENT_METRICS = {"rouge2", "bleu"}
@@ -69,7 +70,8 @@ class TrainSettings:
     task: str = "custom"  # a label recorded in the head's config
     prompts: int = 200  # the first `prompts` examples are used
     epochs: int = 2
-    batch_size: int = 4
+    batch_size: int = 4  # prompts per step
+    samples_per_prompt: int = 1  # completions sampled per prompt (one shared prefill); see baseline "group"
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_k: int = 0
@@ -82,12 +84,15 @@ class TrainSettings:
     warmup_steps: int = 10  # linear warm-up from lr/warmup_steps to lr, then constant
     weight_decay: float = 0.0  # AdamW decay would pull w towards 0.5, not towards 0
     grad_clip: float = 1.0  # max global gradient norm of the head
-    baseline: str = "running"  # "running": moving average of past rewards; "batch": this batch's mean
+    baseline: str = "running"  # "running": moving average of past rewards; "batch": this batch's mean; "group": see RewardBaseline
     baseline_decay: float = 0.9  # running baseline: b <- decay * b + (1 - decay) * mean(R)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = {"prompts": self.prompts, "epochs": self.epochs, "batch-size": self.batch_size, "max-new-tokens": self.max_new_tokens}
+        positive = {
+            "prompts": self.prompts, "epochs": self.epochs, "batch-size": self.batch_size,
+            "samples-per-prompt": self.samples_per_prompt, "max-new-tokens": self.max_new_tokens,
+        }
         for flag, value in positive.items():
             if not (isinstance(value, int) and value >= 1):
                 raise UserInputError(f"--{flag} must be an integer >= 1, got {value!r}")
@@ -102,6 +107,8 @@ class TrainSettings:
             raise UserInputError("warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
         if self.baseline not in BASELINES:
             raise UserInputError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.baseline == "group" and self.samples_per_prompt < 2:
+            raise UserInputError("--baseline group compares the samples of one prompt: it needs --samples-per-prompt >= 2")
         if not 0 <= self.baseline_decay < 1:
             raise UserInputError(f"the baseline decay must be in [0, 1), got {self.baseline_decay}")
 
@@ -180,6 +187,10 @@ class _BatchLM:
         """Drop every batch row not in `rows` [A'] from the cache."""
         self.cache.batch_select_indices(rows)
 
+    def repeat(self, repeats: int) -> None:
+        """Copy every cached row `repeats` times, copies next to each other: [A] -> [A * repeats]."""
+        self.cache.batch_repeat_interleave(repeats)
+
 
 def rollout_batch(
     pair: ModelPair,
@@ -188,38 +199,51 @@ def rollout_batch(
     max_new_tokens: int,
     params: SamplingParams,
     generator: torch.Generator,
+    repeats: int = 1,
 ) -> list[Rollout]:
-    """Sample one completion per prompt from the ensemble with the current head, all prompts at once.
+    """Sample `repeats` completions per prompt from the ensemble with the current head, all at once.
 
     Both models decode the batch in lockstep, KV-cached: prompts are left-padded (masked
     out, positions counted from each prompt's first real token), each step feeds one token
     per row, and a row that emits EOS leaves the batch, so finished completions cost nothing.
     On a memory-bound CPU a step over B rows costs little more than a step over one (the
-    weights are read once), which is what makes RL rollouts affordable here.
+    weights are read once), which is what makes RL rollouts affordable here. With
+    `repeats` > 1 each prompt is prefilled once and its KV cache copied to its samples, so a
+    group of samples pays for one prefill (few-shot prompts make prefill a large share).
+    Returns rollouts in prompt order, a prompt's samples next to each other: [B * repeats].
     """
     # The same verifier the engine uses at inference: training samples exactly the v it verifies against.
     ensemble = DynamicEnsemble(head=head)
     device = head.linear.weight.device
     model_device = pair.device
     eos = torch.tensor(sorted(pair.eos_token_ids), device=device)
-    batch = len(prompts)
+    batch = len(prompts) * repeats
     longest = max(len(ids) for ids in prompts)
-    ids = torch.zeros(batch, longest, dtype=torch.long)  # [B, L] left-padded (id 0 under the mask)
-    mask = torch.zeros(batch, longest, dtype=torch.long)  # [B, L]
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L] left-padded (id 0 under the mask)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L]
     for b, prompt_ids in enumerate(prompts):
         ids[b, longest - len(prompt_ids) :] = torch.tensor(prompt_ids)
         mask[b, longest - len(prompt_ids) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]
     ids, mask, positions = ids.to(model_device), mask.to(model_device), positions.to(model_device)
 
-    rows: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in prompts]  # per prompt, per token
+    rows: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]  # per sample, per token
     ended = [False] * batch
-    active = torch.arange(batch)  # [A] prompt index of each batch row
+    active = torch.arange(batch)  # [A] sample index of each batch row
     with torch.inference_mode():
         target, draft = _BatchLM(pair.target, pair.vocab_size), _BatchLM(pair.draft, pair.vocab_size)
-        for _ in range(max_new_tokens):
-            target_logits, target_hidden = target.feed(ids, mask, positions)  # [A, V], [A, H_t]
-            draft_logits, draft_hidden = draft.feed(ids, mask, positions)  # [A, V], [A, H_d]
+        target_logits, target_hidden = target.feed(ids, mask, positions)  # prefill: [B, V], [B, H_t]
+        draft_logits, draft_hidden = draft.feed(ids, mask, positions)  # [B, V], [B, H_d]
+        if repeats > 1:  # one prefill per prompt, copied to its samples
+            target.repeat(repeats)
+            draft.repeat(repeats)
+            target_logits, target_hidden, draft_logits, draft_hidden, mask, positions = (
+                t.repeat_interleave(repeats, dim=0) for t in (target_logits, target_hidden, draft_logits, draft_hidden, mask, positions)
+            )
+        for step in range(max_new_tokens):
+            if step > 0:
+                target_logits, target_hidden = target.feed(ids, mask, positions)  # [A, V], [A, H_t]
+                draft_logits, draft_hidden = draft.feed(ids, mask, positions)  # [A, V], [A, H_d]
             p = logits_to_probs(target_logits, params).to(device)  # [A, V]
             q = logits_to_probs(draft_logits, params).to(device)  # [A, V]
             draft_hidden, target_hidden = draft_hidden.to(device), target_hidden.to(device)
@@ -269,17 +293,23 @@ class RewardBaseline:
       each step, so a batch's baseline never depends on its own rewards; the first batch
       (no history yet) uses its own mean.
     - "batch": the current batch's mean reward (advantages sum to zero in each batch).
+    - "group": with several samples per prompt, each sample's baseline is the mean reward of
+      the *other* samples of its prompt (leave-one-out, as in RLOO). It stays unbiased, since it
+      does not depend on the sample's own reward, and it removes the prompt's difficulty from
+      the advantage: on GSM8K most of the reward variance comes from which problem was drawn.
     """
 
     kind: str = "running"
     decay: float = 0.9
     value: float | None = None  # the running average so far (None before the first batch)
 
-    def current(self, rewards: torch.Tensor) -> float:
-        """The baseline for a batch with these rewards [B]."""
-        if self.kind == "batch" or self.value is None:
-            return float(rewards.mean())
-        return self.value
+    def current(self, rewards: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+        """The baseline of each reward [B]; rows come in groups of `group_size` samples of one prompt."""
+        if self.kind == "group":
+            groups = rewards.reshape(-1, group_size)  # [P, K]
+            return ((groups.sum(-1, keepdim=True) - groups) / (group_size - 1)).reshape(-1)  # [B] leave-one-out means
+        value = float(rewards.mean()) if self.kind == "batch" or self.value is None else self.value
+        return torch.full_like(rewards, value)
 
     def update(self, rewards: torch.Tensor) -> None:
         """Fold a finished batch's mean reward into the running average."""
@@ -300,7 +330,7 @@ def policy_loss(
 ) -> LossTerms:
     """SPEC §5 on a batch of rollouts, recomputed with gradients through the head alone.
 
-    advantages: [B] (R_b - baseline). `normaliser` (max_new_tokens) is a constant, so it rescales
+    advantages: [B] (R_b - baseline_b). `normaliser` (max_new_tokens) is a constant, so it rescales
     both terms alike and leaves their balance (lam) unchanged.
     """
     device = head.linear.weight.device
@@ -387,7 +417,11 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
 
 
 def check_run(out_dir: Path, record: dict[str, Any]) -> None:
-    """Record a new run's settings, pair and data; refuse to resume a run that differs."""
+    """Record a new run's settings, pair and data; refuse to resume a run that differs.
+
+    A setting added after a run was recorded counts as that run's default value, so runs
+    started by an older version still resume with the defaults.
+    """
     path = out_dir / RUN_FILE
     if not path.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -398,7 +432,12 @@ def check_run(out_dir: Path, record: dict[str, Any]) -> None:
     for section, current in record.items():
         before = stored.get(section)
         if isinstance(current, dict) and isinstance(before, dict):
-            differing += [f"{key}: {before.get(key)!r} there, {value!r} now" for key, value in current.items() if before.get(key) != value]
+            defaults = asdict(TrainSettings()) if section == "settings" else {}
+            differing += [
+                f"{key}: {before.get(key, defaults.get(key))!r} there, {value!r} now"
+                for key, value in current.items()
+                if before.get(key, defaults.get(key)) != value
+            ]
         elif before != current:
             differing.append(f"{section}: {before!r} there, {current!r} now")
     if differing:
@@ -484,13 +523,16 @@ def train_step(
     # Sampling happens where the models' probabilities live.
     generator = seeded_generator(settings.seed, "step", state.step, state.head.linear.weight.device)
     state.head.eval()
-    rollouts = rollout_batch(pair, state.head, [ids for _, ids in batch], settings.max_new_tokens, settings.sampling, generator)
+    rollouts = rollout_batch(
+        pair, state.head, [ids for _, ids in batch], settings.max_new_tokens, settings.sampling, generator, settings.samples_per_prompt
+    )  # [B * K], a prompt's K samples adjacent
     rollout_s = time.perf_counter() - started
-    rewards = torch.tensor([float(reward_fn(example, completion_text(pair, r))) for (example, _), r in zip(batch, rollouts)])  # [B]
+    examples = [example for example, _ in batch for _ in range(settings.samples_per_prompt)]  # [B * K]
+    rewards = torch.tensor([float(reward_fn(example, completion_text(pair, r))) for example, r in zip(examples, rollouts)])  # [B * K]
     reward_s = time.perf_counter() - started - rollout_s
 
     update_started = time.perf_counter()
-    baseline = state.baseline.current(rewards)
+    baseline = state.baseline.current(rewards, settings.samples_per_prompt)  # [B * K]
     state.head.train()
     terms = policy_loss(state.head, rollouts, rewards - baseline, settings.lam, settings.max_new_tokens)
     state.optimizer.zero_grad(set_to_none=True)
@@ -509,7 +551,7 @@ def train_step(
     return {
         "step": state.step,
         "reward": float(rewards.mean()),
-        "baseline": baseline,
+        "baseline": float(baseline.mean()),
         "loss": terms.loss.item(),
         "pg_loss": terms.pg.item(),
         "acceptance_sum": terms.acceptance.item(),  # S: expected accepted drafts per sequence
@@ -684,6 +726,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--prompts", type=int, default=defaults.prompts, help="first N training examples (default %(default)s)")
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per step (default %(default)s)")
+    group.add_argument(
+        "--samples-per-prompt", type=int, default=defaults.samples_per_prompt,
+        help="completions per prompt, sharing one prefill (default %(default)s; use >= 2 with --baseline group)",
+    )
     group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="rollout length cap (default %(default)s)")
     group.add_argument("--temperature", "-T", type=float, default=defaults.temperature, help="> 0 (default %(default)s)")
     group.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables (default)")
