@@ -8,8 +8,6 @@ output distribution against exact enumeration, and head training.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -19,13 +17,18 @@ from diversed.generation import MethodSpec, generate
 from diversed.head import load_head
 from diversed.models import load_pair
 from diversed.sampling import SamplingParams
-from diversed.testing import build_tiny_model
-from diversed.train import train_head
 
 from .test_cli import tiny_args
 from .test_engine import hf_greedy
-from .test_engine_statistics import ROUNDS, VERIFIERS, chi_square_pvalue, simulate, theory
-from .test_train import PROMPTS, SETTINGS, fixed_rollouts, identity, length_parity, mean_w
+from .test_engine_statistics import (
+    ROUNDS,
+    VERIFIERS,
+    chi_square_pvalue,
+    load_small_vocab_pair,
+    simulate,
+    theory,
+)
+from .test_train import one_minus_w_by_lambda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,11 +41,7 @@ def cuda_pair(tiny_model_dirs):
 
 @pytest.fixture(scope="module")
 def small_vocab_cuda_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small-vocab-cuda")
-    kwargs = dict(alphabet="abcdef", hidden_size=16, layers=1, sharpness=3.0)
-    target = build_tiny_model(root / "t", seed=3, **kwargs)
-    draft = build_tiny_model(root / "d", seed=3, perturb=5.0, **kwargs)
-    return load_pair(str(target), str(draft), dtype="float32", device="cuda")
+    return load_small_vocab_pair(tmp_path_factory.mktemp("small-vocab-cuda"), device="cuda")
 
 
 def test_pair_is_on_the_gpu(cuda_pair):
@@ -78,13 +77,7 @@ def test_engine_matches_theory_on_cuda(small_vocab_cuda_pair, name):
 
 
 def test_training_on_cuda_lowers_w_with_lambda_and_the_head_loads_anywhere(cuda_pair, tmp_path):
-    settings = replace(SETTINGS, epochs=1, lr=0.02)
-    evaluation = fixed_rollouts(cuda_pair)
-    one_minus_w = {}
-    for lam in (0.0, 10.0):
-        head = train_head(cuda_pair, PROMPTS, identity, length_parity, replace(settings, lam=lam), tmp_path / f"lam{lam}", progress=False)
-        assert head.linear.weight.device.type == "cuda"
-        one_minus_w[lam] = 1 - mean_w(head, evaluation)
+    one_minus_w = one_minus_w_by_lambda(cuda_pair, tmp_path)  # trains on the GPU (asserts the head's device)
     assert one_minus_w[10.0] > one_minus_w[0.0] + 0.02, one_minus_w
     saved = tmp_path / "lam10.0" / "head"
     assert load_head(saved, cuda_pair.signature()).linear.weight.device.type == "cpu"  # saved heads are device-free

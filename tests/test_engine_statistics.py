@@ -39,13 +39,17 @@ PREFIX = [5, 6, 7]
 PARAMS = SamplingParams(temperature=1.0)
 
 
-@pytest.fixture(scope="module")
-def small_vocab_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small-vocab")
+def load_small_vocab_pair(root, device: str = "cpu"):
+    """An 11-token pair (6 letters + specials) whose distributions differ clearly."""
     kwargs = dict(alphabet="abcdef", hidden_size=16, layers=1, sharpness=3.0)
     target = build_tiny_model(root / "t", seed=3, **kwargs)
     draft = build_tiny_model(root / "d", seed=3, perturb=5.0, **kwargs)
-    return load_pair(str(target), str(draft), dtype="float32")
+    return load_pair(str(target), str(draft), dtype="float32", device=device)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_pair(tmp_path_factory):
+    return load_small_vocab_pair(tmp_path_factory.mktemp("small-vocab"))
 
 
 def random_head(pair) -> EnsembleHead:

@@ -163,14 +163,21 @@ def test_acceptance_term_pushes_w_down_and_pg_term_follows_the_advantage(tiny_pa
     assert torch.allclose(grad_w, -(r.p_token - r.q_token) / v, atol=1e-6)
 
 
+def one_minus_w_by_lambda(pair, out_dir, lams=(0.0, 10.0)) -> dict[float, float]:
+    """Mean (1 - w) on fixed rollouts after one epoch at each lam (same init, seed and batches); heads in out_dir/lam*/head."""
+    settings = replace(SETTINGS, epochs=1, lr=0.02)
+    evaluation = fixed_rollouts(pair)
+    one_minus_w = {}
+    for lam in lams:
+        head = train_head(pair, PROMPTS, identity, length_parity, replace(settings, lam=lam), out_dir / f"lam{lam}", progress=False)
+        assert head.linear.weight.device == pair.device
+        one_minus_w[lam] = 1 - mean_w(head, evaluation)
+    return one_minus_w
+
+
 def test_raising_lambda_lowers_w(tiny_pair, tmp_path):
     """Same init, seed and batches: a large lam ends with larger mean (1 - w) than lam = 0."""
-    settings = replace(SETTINGS, epochs=1, lr=0.02)
-    evaluation = fixed_rollouts(tiny_pair)
-    one_minus_w = {}
-    for lam in (0.0, 10.0):
-        head = train_head(tiny_pair, PROMPTS, identity, length_parity, replace(settings, lam=lam), tmp_path / f"lam{lam}", progress=False)
-        one_minus_w[lam] = 1 - mean_w(head, evaluation)
+    one_minus_w = one_minus_w_by_lambda(tiny_pair, tmp_path)
     assert one_minus_w[10.0] > one_minus_w[0.0] + 0.02, one_minus_w
 
 
