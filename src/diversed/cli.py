@@ -30,8 +30,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     """--method and its knobs, shared by `generate` and the server's defaults."""
     group = parser.add_argument_group("verification method")
-    group.add_argument("--method", choices=METHODS, help="default: diversed with a shipped head for the pair, else static w=0.7")
-    group.add_argument("--weight", type=float, help="static ensemble target weight w in (0, 1]; w=1 is lossless (default 0.7)")
+    group.add_argument("--method", choices=METHODS, help="default: static w=0.9 (no shipped head is a default; docs/heads.md)")
+    group.add_argument("--weight", type=float, help="static ensemble target weight w in (0, 1]; w=1 is lossless (default 0.9)")
     group.add_argument("--head", help="diversed: ensemble-head path or shipped head name")
     group.add_argument("--lenience", type=float, help="lenient: l in (0, 1] (default 0.5); cascade: alpha (default 0.1)")
     group.add_argument("--rule", choices=sorted(CASCADE_RULES), help="cascade deferral rule (default token)")

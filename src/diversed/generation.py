@@ -3,7 +3,7 @@
 This is the layer the CLI, the evaluator and the server all call:
 
     pair = load_pair()                       # the embedded default pair
-    spec = MethodSpec("static", weight=0.7)
+    spec = MethodSpec("static", weight=0.9)
     result = generate(pair, "Write a haiku", spec, GenerationConfig(max_new_tokens=64, seed=0))
     print(result.text, result.metrics.acceptance_rate)
 """
@@ -19,9 +19,8 @@ from .errors import UserInputError
 from .head import load_head
 from .metrics import Metrics
 from .models import ModelPair
-from .verifiers import METHODS, Verifier, make_verifier
+from .verifiers import DEFAULT_STATIC_WEIGHT, METHODS, Verifier, make_verifier
 
-DEFAULT_STATIC_WEIGHT = 0.7
 # The shipped head `diversed` uses when the user names no method. Only a head shown to help
 # across tasks belongs here (docs/heads.md); task-specific heads are opt-in (--head NAME).
 DEFAULT_HEAD: str | None = None

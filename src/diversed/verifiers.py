@@ -135,12 +135,18 @@ class Exact(MixtureVerifier):
         return p
 
 
+# The weight `static` uses when none is given, and the default method's (docs/heads.md).
+# Measured on the default pair (docs/results, 50 problems each): w = 0.9 keeps exact's quality
+# on GSM8K (0.30 vs 0.34) and MBPP, while w = 0.7 halves GSM8K accuracy (0.16).
+DEFAULT_STATIC_WEIGHT = 0.9
+
+
 @dataclass(frozen=True)
 class StaticEnsemble(MixtureVerifier):
     """Static ensemble: v = w p + (1 - w) q with a fixed target weight w in (0, 1]."""
 
     name: ClassVar[str] = "static"
-    weight: float = 0.7
+    weight: float = DEFAULT_STATIC_WEIGHT
 
     def __post_init__(self) -> None:
         _check_unit_interval(self.weight, "the ensemble weight w", "--weight")
@@ -330,7 +336,7 @@ def make_verifier(
     if method == "exact":
         return Exact()
     if method == "static":
-        return StaticEnsemble(0.7 if weight is None else weight)
+        return StaticEnsemble(DEFAULT_STATIC_WEIGHT if weight is None else weight)
     if method == "diversed":
         if head is None:
             raise UserInputError("--method diversed needs an ensemble head (--head PATH or a shipped head name)")
