@@ -9,7 +9,7 @@ the bias (on digits, which decide a GSM8K answer, or on words and layout, which 
 "share of bias" column shows that; the `static` row spends the same total bias with w fixed.
 
     python benchmarks/head_weights.py --head runs/train-gsm8k/head --task gsm8k \
-        --rows docs/results/gsm8k-30/rows.jsonl --method exact --data-dir ../shared/data
+        --rows docs/results/gsm8k-50/rows.jsonl --method exact --data-dir ../shared/data
 """
 
 from __future__ import annotations
