@@ -4,8 +4,8 @@ Both language models are frozen; only the `EnsembleHead` learns. One step:
 
 1. **Rollouts.** For each prompt of the batch, sample y (`samples_per_prompt` times, from
    one shared prefill) from the ensemble `v_t = w_t p_t + (1 - w_t) q_t` at the training
-   temperature, with `w_t` from the current head. Both models decode the whole batch in lockstep (left-padded, KV-cached, one token
-   per row per step; rows leave the batch at EOS). Per token only what the loss needs is
+   temperature, with `w_t` from the current head. Both models decode the whole batch in
+   lockstep (left-padded, KV-cached, one token per row per step; rows leave the batch at EOS). Per token only what the loss needs is
    kept: p_t(y_t), q_t(y_t), TV(p_t, q_t) and both hidden states. p and q do not depend on
    the head, so the loss recomputed from these (through the head alone) is exact.
 2. **Reward.** `reward_fn(example, completion_text)`; advantage A_b = R_b - baseline_b
