@@ -108,3 +108,31 @@ def test_rollouts_benchmark_prints_a_row_per_batch_shape(tiny_model_dirs):
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [(int(r[1]), int(r[2]), int(r[3])) for r in rows] == [(1, 1, 1), (1, 3, 3), (2, 1, 2), (2, 3, 6)]
     assert all(0 < int(r[4]) <= 4 * int(r[3]) for r in rows)  # at most max_new_tokens per rollout
+
+
+def _eval_row(example: int, method: str, score: float, accepted: int, drafted: int) -> dict:
+    return {"example_id": f"test-{example}", "method": method, "score": score, "metrics": {"accepted": accepted, "drafted": drafted}}
+
+
+def test_static_line_places_a_method_between_two_weights_and_pairs_by_example(tmp_path):
+    """benchmarks/static_line.py: a method halfway between two static weights in acceptance, scoring
+    exactly 0.25 above the average of their per-example scores, is reported as +0.250."""
+    scores_high_w = [1.0, 0.0, 1.0, 1.0]
+    scores_low_w = [0.0, 0.0, 1.0, 0.0]
+    rows = []
+    for i, (a, b) in enumerate(zip(scores_high_w, scores_low_w)):
+        rows += [
+            _eval_row(i, "static:0.9", a, 40, 100),  # acceptance 40%
+            _eval_row(i, "static:0.5", b, 80, 100),  # acceptance 80%
+            _eval_row(i, "static:0.1", 0.0, 95, 100),  # outside the bracket: not used
+            _eval_row(i, "diversed:head", (a + b) / 2 + 0.25, 60, 100),  # halfway: t = 0.5
+        ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    command = [sys.executable, str(REPO / "benchmarks" / "static_line.py"), "--rows", str(tmp_path / "rows.jsonl"), "--method", "diversed:head"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "through static:0.9 (40.0%) and static:0.5 (80.0%)" in done.stdout
+    assert "n = 4 examples; quality minus the line: +0.250 (95% CI +0.250 to +0.250)" in done.stdout
+
+    missing = subprocess.run([*command[:-1], "diversed:other"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no rows for 'diversed:other'" in missing.stderr and "Traceback" not in missing.stderr

@@ -383,8 +383,9 @@ def _plot_methods(ax, methods: list[dict], x_key: str, y_key: str, with_ci: bool
         if with_ci and m.get("quality_ci95"):
             low, high = m["quality_ci95"]
             yerr = [[max(0.0, m[y_key] - low)], [max(0.0, high - m[y_key])]]
-        ax.errorbar(m[x_key], m[y_key], yerr=yerr, fmt="o", capsize=3, color=colours[m["method"]])
-        ax.annotate(m["method"], (m[x_key], m[y_key]), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colours[m["method"]])
+        # A legend, not labels beside the points: methods at nearly the same point (a head
+        # that behaves like one static weight) would print their labels over each other.
+        ax.errorbar(m[x_key], m[y_key], yerr=yerr, fmt="o", capsize=3, color=colours[m["method"]], label=m["method"])
 
 
 def plot_eval(summary: dict[str, Any], path: Path) -> None:
@@ -400,6 +401,7 @@ def plot_eval(summary: dict[str, Any], path: Path) -> None:
     left.set(xlabel="acceptance rate (accepted / drafted)", ylabel=metric, title="quality vs acceptance")
     _plot_methods(right, summary["methods"], "seconds_per_example", "quality", with_ci=True)
     right.set(xlabel="seconds per example", ylabel=metric, title="quality vs latency")
+    right.legend(fontsize=7, loc="best")  # the right panel has every method (ar has no acceptance rate)
     fig.suptitle(f"{summary['task']} ({summary['n_examples']} examples, T={summary['settings']['temperature']:g}, N={summary['settings']['draft_length']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
