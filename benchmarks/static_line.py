@@ -16,18 +16,20 @@ interval is evidence of a per-position gain; an interval around 0 means "on the 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from diversed.evaluate import load_rows, mean_ci
 from diversed.generation import MethodSpec
+from diversed.metrics import Metrics
 
 
 def acceptance(rows: dict[str, dict]) -> float:
-    """Pooled acceptance rate: accepted over drafted, summed over the rows."""
-    drafted = sum(row["metrics"]["drafted"] for row in rows.values())
-    return sum(row["metrics"]["accepted"] for row in rows.values()) / drafted if drafted else float("nan")
+    """Pooled acceptance rate over the rows, pooled as `diversed eval`'s summary pools it."""
+    pooled = functools.reduce(Metrics.merge, (Metrics.from_dict(row["metrics"]) for row in rows.values()), Metrics())
+    return pooled.acceptance_rate if pooled.acceptance_rate is not None else float("nan")
 
 
 def bracketing_weights(method_acceptance: float, static_acceptance: dict[str, float]) -> tuple[str, str]:
