@@ -1,36 +1,42 @@
-"""Speed benchmark: this engine vs Hugging Face assisted generation, one process, same prompts.
+"""Speed benchmark: every way to run the pair on this machine, one process, same prompts.
 
-Loads the pair once and, prompt by prompt (methods interleaved so machine noise hits all of
-them alike), times:
+Loads each backend's pair once and, prompt by prompt (methods interleaved so machine noise
+hits all of them alike), times:
 
-- `hf:ar`       target-only `generate` (Hugging Face)
-- `hf:assisted` `generate(assistant_model=draft)`, lossless, N fixed
-- `hf:static:W` the same with transformers' `assistant_ensemble_weight=W`
-- `ar`, `exact`, `static:W`, `diversed:HEAD`, ... this engine (any `MethodSpec`)
+- `llamacpp:ar`  llama-cpp-python's own `generate` on the same GGUF: the peer a CPU user picks
+- `hf:ar`        target-only `generate` (Hugging Face)
+- `hf:assisted`  `generate(assistant_model=draft)`, lossless, N fixed
+- `hf:static:W`  the same with transformers' `assistant_ensemble_weight=W`
+- `[BACKEND/]METHOD[@N]` this engine: any `MethodSpec` (ar, exact, static:0.9, ...), on
+  `torch` or `llama.cpp` (default: --backend), with a fixed N or `auto` (default: --draft-length)
+- `default`      what `diversed generate` does with no options (auto backend, auto N, default method)
 
-and prints tokens/s, speedup vs `ar` (ours) and vs `hf:ar`, acceptance, mean accepted
-length, and efficiency = measured speedup / the all-accepted ceiling (N+1) / (N c + v), where
-c = draft step / target step and v = verify-(N+1) / one target step, measured in this run.
-Hugging Face's acceptance is derived from its target-call count (rounds), so it is marked ≈.
+It prints a header naming the CPU and its flags, each backend's measured c (draft step /
+target step) and v(k) (k-token verification / target step), and per method: tokens/s,
+speedup vs `ar` and vs `llamacpp:ar`, acceptance, mean accepted length, drafted per round,
+rounds that drafted nothing (N = 0), efficiency (speedup / the all-accepted ceiling
+(N+1) / (N c + v(N+1)), fixed N only) and the round-time split (draft / target forward /
+other). Hugging Face's greedy acceptance is derived from its target-call count, marked ≈.
 
-    python benchmarks/speed.py --data-dir ../shared/data --prompts 6 --max-new-tokens 96 --temperature 1
+    python benchmarks/speed.py --data-dir ../shared/data --prompts 6 --max-new-tokens 96 --temperature 1 \
+        --methods llamacpp:ar,default,llama.cpp/ar,llama.cpp/exact@auto,torch/ar,torch/static:0.9@5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from diversed.engine import CachedModel, GenerationConfig
-from diversed.generation import MethodSpec, encode_prompt, generate
-from diversed.models import load_pair
+from diversed.calibration import machine_summary, measure_seconds
+from diversed.draft_length import parse_draft_length
+from diversed.engine import GenerationConfig
+from diversed.generation import MethodSpec, default_method, encode_prompt, generate
+from diversed.models import DEFAULT_TARGET, gguf_path, load_pair
 from diversed.sampling import SamplingParams
 
 
@@ -44,24 +50,11 @@ def benchmark_prompts(data_dir: Path, count: int, tasks: tuple[str, ...] = ("gsm
     return mixed[:count]
 
 
-def measure_step_costs(pair, prompt_ids: list[int], n: int, repeats: int = 5) -> tuple[float, float]:
-    """(c, v): draft step / target step, verify-(n+1) / target step, median over repeats."""
-    def median_seconds(model, tokens: int) -> float:
-        cached = CachedModel(model, pair.vocab_size)
-        cached.feed(prompt_ids, 0)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            cached.feed(prompt_ids[-tokens:], tokens)
-            times.append(time.perf_counter() - start)
-            cached.rollback(len(prompt_ids))
-        return statistics.median(times)
-
-    with torch.inference_mode():
-        target_step = median_seconds(pair.target, 1)
-        draft_step = median_seconds(pair.draft, 1)
-        verify = median_seconds(pair.target, n + 1)
-    return draft_step / target_step, verify / target_step
+def step_costs(pair, n_max: int) -> tuple[float, list[float]]:
+    """(c, [v(1), ..., v(n_max + 1)]) of a pair, measured now."""
+    seconds = measure_seconds(pair, n_max + 1)
+    step = seconds["target_step"]
+    return seconds["draft_step"] / step, [s / step for s in seconds["verify"]]
 
 
 class CallCounter:
@@ -161,19 +154,54 @@ def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
     }
 
 
-def run_ours(pair, prompt_ids: list[int], spec: MethodSpec, args) -> dict:
+def run_llamacpp(llm, prompt_ids: list[int], args) -> dict:
+    """llama-cpp-python's own generation loop (its C sampler), same length and sampling as ours."""
+    started = time.perf_counter()
+    tokens = 0
+    # top_k 0, top_p 1 and min_p 0 switch its default filters off: plain temperature sampling, as ours.
+    for _ in llm.generate(prompt_ids, temp=args.temperature, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        tokens += 1
+        if tokens >= args.max_new_tokens:
+            break
+    return {"new_tokens": tokens, "seconds": time.perf_counter() - started, "rounds": tokens, "drafted": None, "accepted": None}
+
+
+def run_ours(pair, prompt_ids: list[int], spec: MethodSpec, draft_length, args) -> dict:
     sampling = SamplingParams(args.temperature)
     # ignore_eos: every method produces the same number of tokens (as min_new_tokens does for HF).
-    config = GenerationConfig(args.max_new_tokens, args.draft_length, sampling, args.seed, ignore_eos=True)
-    result = generate(pair, prompt_ids, spec, config)
-    m = result.metrics
-    return {"new_tokens": m.new_tokens, "seconds": m.seconds, "rounds": m.rounds, "drafted": m.drafted, "accepted": m.accepted}
+    config = GenerationConfig(args.max_new_tokens, draft_length, sampling, args.seed, ignore_eos=True, max_draft_length=args.max_draft_length)
+    m = generate(pair, prompt_ids, spec, config).metrics
+    return {
+        "new_tokens": m.new_tokens, "seconds": m.seconds, "rounds": m.rounds, "drafted": m.drafted, "accepted": m.accepted,
+        "draft_seconds": m.draft_seconds, "target_seconds": m.target_seconds,
+        "ar_rounds": m.rounds - (m.drafted_per_position[0] if m.drafted_per_position else 0),
+    }
 
 
-def summarize(label: str, runs: list[dict], baselines: dict[str, float], n: int, c: float, v: float) -> dict:
+class Ours:
+    """One of this engine's labels: `[BACKEND/]METHOD[@N]`, or `default`."""
+
+    def __init__(self, label: str, args):
+        self.label = label
+        if label == "default":
+            self.backend, self.spec, self.draft_length = "auto", None, "auto"
+            return
+        backend, _, rest = label.rpartition("/")
+        method, _, n = rest.partition("@")
+        self.backend = backend or args.backend
+        self.spec = MethodSpec.parse(method)
+        self.draft_length = parse_draft_length(n or args.draft_length)
+
+    def fixed_n(self) -> int | None:
+        return None if self.draft_length == "auto" or self.spec is None or self.spec.method == "ar" else int(self.draft_length)
+
+
+def summarize(label: str, runs: list[dict], baselines: dict[str, float], hf_n: int, fixed_n: int | None, costs) -> dict:
+    """One table row. `baselines`: tokens/s of `ar` (same backend), `hf:ar`, `llamacpp:ar`."""
     tokens = sum(r["new_tokens"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
     target_calls = sum(r["rounds"] for r in runs)
+    drafted = None
     if all(r["drafted"] is not None for r in runs):  # counted: ours, or HF's sampled verification
         drafted = sum(r["drafted"] for r in runs)
         accepted = sum(r["accepted"] for r in runs)
@@ -183,23 +211,40 @@ def summarize(label: str, runs: list[dict], baselines: dict[str, float], n: int,
     else:  # HF greedy or AR: derive from target calls (each round drafts N, emits accepted + 1)
         rounds = target_calls
         accepted = tokens - rounds
-        acceptance = accepted / (rounds * n) if label != "hf:ar" and rounds else None
+        acceptance = accepted / (rounds * hf_n) if label.startswith("hf:") and label != "hf:ar" and rounds else None
         approx = "≈"
     tps = tokens / seconds
+    ratio = lambda name: tps / baselines[name] if name in baselines else None  # noqa: E731
     row = {
         "method": label,
         "tokens_per_second": tps,
-        "speedup_vs_ar": tps / baselines["ar"] if "ar" in baselines else None,
-        "speedup_vs_hf_ar": tps / baselines["hf:ar"] if "hf:ar" in baselines else None,
+        "speedup_vs_ar": ratio("ar"),
+        "speedup_vs_llamacpp_ar": ratio("llamacpp:ar"),
+        "speedup_vs_hf_ar": ratio("hf:ar"),
         "acceptance_rate": acceptance,
-        "mean_accepted_length": 1 + accepted / rounds if rounds else None,  # SPEC §6
+        "mean_accepted_length": 1 + accepted / rounds if rounds and acceptance is not None else None,  # docs/method.md §6
         "drafted_per_round": drafted / rounds if approx == "" and rounds and drafted else None,
+        "ar_rounds": sum(r.get("ar_rounds", 0) for r in runs) if "ar_rounds" in runs[0] else None,
         "target_calls": target_calls,
         "approx": approx,
     }
-    if acceptance is not None and row["speedup_vs_ar"] is not None:
-        row["efficiency"] = row["speedup_vs_ar"] / ((n + 1) / (n * c + v))
+    if "draft_seconds" in runs[0]:
+        draft_s, target_s = sum(r["draft_seconds"] for r in runs), sum(r["target_seconds"] for r in runs)
+        row["split"] = {"draft": draft_s / seconds, "target": target_s / seconds, "other": max(0.0, 1 - (draft_s + target_s) / seconds)}
+    if fixed_n is not None and costs is not None and row["speedup_vs_ar"] is not None and acceptance is not None:
+        c, v = costs
+        row["efficiency"] = row["speedup_vs_ar"] / ((fixed_n + 1) / (fixed_n * c + v[fixed_n]))
     return row
+
+
+def load_pairs(args, ours: list[Ours]) -> dict[str, object]:
+    """One pair per backend the labels need ("auto" resolved by load_pair itself)."""
+    pairs: dict[str, object] = {}
+    for backend in dict.fromkeys(o.backend for o in ours):
+        pair = load_pair(args.target, args.draft, args.dtype, device=args.device, backend=backend)
+        print(f"backend {backend}: {pair.backend} ({pair.backend_reason})", file=sys.stderr)
+        pairs[backend] = pair
+    return pairs
 
 
 def main() -> int:
@@ -208,50 +253,102 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--tasks", default="gsm8k,mbpp,xsum", help="prompt sources, cycled (test splits)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--draft-length", type=int, default=5)
+    parser.add_argument("--draft-length", default="5", help="N for labels without @N: an integer or auto")
+    parser.add_argument("--max-draft-length", type=int, default=8, help="N_max of auto")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    parser.add_argument("--backend", default="auto", help="backend of labels without BACKEND/: auto, torch, llama.cpp")
     parser.add_argument("--target")
     parser.add_argument("--draft")
-    parser.add_argument("--methods", default="hf:ar,hf:assisted,hf:static:0.7,ar,exact,static:0.7")
+    parser.add_argument("--methods", default="llamacpp:ar,default,ar,exact,static:0.9")
     parser.add_argument("--hf-confidence-stop", action="store_true", help=f"let HF stop drafting below confidence {HF_DEFAULT_CONFIDENCE} (its default); off: HF drafts exactly N like ours")
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
 
-    pair = load_pair(args.target, args.draft, args.dtype, device=args.device)
-    prompts = [encode_prompt(pair, text) for text in benchmark_prompts(args.data_dir, args.prompts, tuple(args.tasks.split(",")))]
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
-    specs = {label: MethodSpec.parse(label) for label in labels if not label.startswith("hf:")}
-    # Warm-up: one short call of each kind so lazy initialisation is not timed.
-    warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
-    for label in labels:
-        run_hf(pair, prompts[0], label, warm) if label.startswith("hf:") else run_ours(pair, prompts[0], specs[label], warm)
-    c, v = measure_step_costs(pair, prompts[0], args.draft_length)
+    ours = {label: Ours(label, args) for label in labels if not label.startswith(("hf:", "llamacpp:"))}
+    needs_torch = any(label.startswith("hf:") for label in labels)
+    pairs = load_pairs(args, list(ours.values()) + ([Ours("torch/ar", args)] if needs_torch else []))
+    hf_pair = pairs.get("torch") or next((p for p in pairs.values() if p.backend == "torch"), None)
+    llm = None
+    if "llamacpp:ar" in labels:
+        from llama_cpp import Llama
 
+        from diversed.runners.llamacpp import default_threads
+
+        path = gguf_path(args.target or DEFAULT_TARGET.name)
+        threads = default_threads()
+        llm = Llama(model_path=str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, seed=args.seed, verbose=False)
+    any_pair = next(iter(pairs.values()))
+    prompts = [encode_prompt(any_pair, text) for text in benchmark_prompts(args.data_dir, args.prompts, tuple(args.tasks.split(",")))]
+    for label, o in ours.items():
+        if o.spec is None:
+            o.spec = default_method(pairs[o.backend])[0]
+
+    def run(label: str, prompt_ids: list[int], run_args) -> dict:
+        if label == "llamacpp:ar":
+            return run_llamacpp(llm, prompt_ids, run_args)
+        if label.startswith("hf:"):
+            return run_hf(hf_pair, prompt_ids, label, run_args)
+        o = ours[label]
+        return run_ours(pairs[o.backend], prompt_ids, o.spec, o.draft_length, run_args)
+
+    # Warm-up: one short call of each kind so lazy initialisation (and calibration) is not timed.
+    warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4, "draft_length": parse_draft_length(args.draft_length)})
+    for label in labels:
+        run(label, prompts[0], warm)
+    costs = {backend: step_costs(pair, args.max_draft_length) for backend, pair in pairs.items() if pair.draft is not None}
+
+    args.draft_length = parse_draft_length(args.draft_length)
     runs: dict[str, list[dict]] = {label: [] for label in labels}
     for index, prompt_ids in enumerate(prompts):
         for label in labels:
-            run = run_hf(pair, prompt_ids, label, args) if label.startswith("hf:") else run_ours(pair, prompt_ids, specs[label], args)
-            runs[label].append(run)
-            print(f"prompt {index + 1}/{len(prompts)} {label:>16}: {run['new_tokens'] / run['seconds']:.2f} tok/s", file=sys.stderr)
+            result = run(label, prompt_ids, args)
+            runs[label].append(result)
+            print(f"prompt {index + 1}/{len(prompts)} {label:>24}: {result['new_tokens'] / result['seconds']:.2f} tok/s", file=sys.stderr)
 
-    baselines = {b: sum(r["new_tokens"] for r in runs[b]) / sum(r["seconds"] for r in runs[b]) for b in ("ar", "hf:ar") if b in runs}
-    rows = [summarize(label, runs[label], baselines, args.draft_length, c, v) for label in labels]
-    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}; "
-          f"{len(prompts)} prompts x {args.max_new_tokens} tokens, T={args.temperature}, N={args.draft_length}; c={c:.3f}, v={v:.3f}")
-    print("| method | tok/s | speedup vs ar | speedup vs hf:ar | acceptance | mean accepted length | drafted per round | efficiency |")
-    print("|---|---|---|---|---|---|---|---|")
+    def tps(label: str) -> float:
+        return sum(r["new_tokens"] for r in runs[label]) / sum(r["seconds"] for r in runs[label])
+
+    shared = {b: tps(b) for b in ("hf:ar", "llamacpp:ar") if b in runs}
+    ar_of_backend = {pairs[o.backend].backend: tps(label) for label, o in ours.items() if o.spec.method == "ar"}
+    rows = []
+    for label in labels:
+        o = ours.get(label)
+        backend = pairs[o.backend].backend if o else ("torch" if label.startswith("hf:") else "llama.cpp")
+        baselines = {**shared, **({"ar": ar_of_backend[backend]} if backend in ar_of_backend else {})}
+        if label.startswith("hf:") and "hf:ar" in shared:
+            baselines["ar"] = shared["hf:ar"]
+        hf_n = int(args.draft_length) if args.draft_length != "auto" else 5
+        if o:
+            fixed_n, pair_costs = o.fixed_n(), costs.get(o.backend)
+        else:  # Hugging Face drafts a fixed N on the torch pair
+            fixed_n = hf_n if label.startswith("hf:") and label != "hf:ar" else None
+            pair_costs = next((costs[b] for b, p in pairs.items() if p.backend == "torch" and b in costs), None)
+        rows.append(summarize(label, runs[label], baselines, hf_n, fixed_n, pair_costs))
+    print(f"\n{machine_summary()}; torch {torch.__version__} ({torch.get_num_threads()} threads), {args.dtype} for torch; "
+          f"{len(prompts)} prompts x {args.max_new_tokens} tokens, T={args.temperature}")
+    for backend, (c, v) in costs.items():
+        print(f"{pairs[backend].backend}: c = {c:.3f}, v(1..{len(v)}) = {', '.join(f'{x:.2f}' for x in v)}")
+    print("| method | tok/s | vs ar | vs llamacpp:ar | vs hf:ar | acceptance | mean accepted length | drafted per round "
+          "| N=0 rounds | efficiency | draft / target / other |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x, spec: "–" if x is None else format(x, spec)  # noqa: E731
     for row in rows:
+        split = row.get("split")
+        split_text = f"{split['draft']:.0%} / {split['target']:.0%} / {split['other']:.1%}" if split else "–"
         print(
-            f"| {row['method']} | {row['tokens_per_second']:.2f} | {fmt(row['speedup_vs_ar'], '.2f')}x | {fmt(row['speedup_vs_hf_ar'], '.2f')}x "
-            f"| {row['approx']}{fmt(row['acceptance_rate'], '.1%')} | {row['approx']}{fmt(row['mean_accepted_length'], '.2f')} "
-            f"| {fmt(row['drafted_per_round'], '.2f')} | {fmt(row.get('efficiency'), '.2f')} |"
+            f"| {row['method']} | {row['tokens_per_second']:.2f} | {fmt(row['speedup_vs_ar'], '.2f')}x | {fmt(row['speedup_vs_llamacpp_ar'], '.2f')}x "
+            f"| {fmt(row['speedup_vs_hf_ar'], '.2f')}x | {row['approx']}{fmt(row['acceptance_rate'], '.1%')} "
+            f"| {row['approx']}{fmt(row['mean_accepted_length'], '.2f')} | {fmt(row['drafted_per_round'], '.2f')} "
+            f"| {fmt(row['ar_rounds'], 'd')} | {fmt(row.get('efficiency'), '.2f')} | {split_text} |"
         )
     if args.json:
-        args.json.write_text(json.dumps({"c": c, "v": v, "args": {k: str(val) for k, val in vars(args).items()}, "rows": rows}, indent=2))
+        payload = {"machine": machine_summary(), "costs": {pairs[b].backend: {"c": c, "v": v} for b, (c, v) in costs.items()},
+                   "args": {k: str(val) for k, val in vars(args).items()}, "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
 

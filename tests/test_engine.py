@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diversed.engine import CachedModel, GenerationConfig, speculative_round
+from diversed.engine import GenerationConfig, speculative_round
+from diversed.proposers import ModelProposer
+from diversed.runners.hf import TorchRunner
 from diversed.errors import UserInputError
 from diversed.generation import Generation, MethodSpec, build_verifier, generate, start_generation
 from diversed.metrics import Metrics
@@ -38,22 +40,22 @@ def test_exact_greedy_equals_target_greedy(tiny_pair, draft_length):
 def test_kv_caches_hold_exactly_the_committed_tokens(tiny_pair):
     """After every round (rejections included) the cached next-token logits equal a fresh forward."""
     generator = torch.Generator().manual_seed(0)
-    target = CachedModel(tiny_pair.target, tiny_pair.vocab_size)
-    draft = CachedModel(tiny_pair.draft, tiny_pair.vocab_size)
+    target = TorchRunner(tiny_pair.target, tiny_pair.vocab_size)
+    draft = TorchRunner(tiny_pair.draft, tiny_pair.vocab_size)
     committed = tiny_pair.tokenizer("abc", add_special_tokens=False).input_ids
     metrics = Metrics()
     with torch.inference_mode():
         target.feed(committed[:-1], 0)
         draft.feed(committed[:-1], 0)
         for _ in range(25):
-            outcome = speculative_round(target, draft, StaticEnsemble(0.6), committed, 4, SamplingParams(), generator, metrics)
+            outcome = speculative_round(target, ModelProposer(draft, tiny_pair.vocab_size), StaticEnsemble(0.6), committed, 4, SamplingParams(), generator, metrics)
             committed = committed + outcome.tokens
             assert target.length == len(committed) - 1
             assert draft.length <= len(committed) - 1
             for cached in (target, draft):
                 before = cached.length
                 cached_logits, _ = cached.feed(committed[before:], 1)
-                fresh_logits, _ = CachedModel(cached.model, tiny_pair.vocab_size).feed(committed, 1)
+                fresh_logits, _ = TorchRunner(cached.model, tiny_pair.vocab_size).feed(committed, 1)
                 torch.testing.assert_close(cached_logits, fresh_logits, rtol=1e-4, atol=1e-4)
                 cached.rollback(before)
     assert 0 < metrics.accepted < metrics.drafted

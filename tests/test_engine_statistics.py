@@ -17,7 +17,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from diversed.engine import CachedModel, speculative_round
+from diversed.engine import speculative_round
+from diversed.proposers import ModelProposer
+from diversed.runners.hf import TorchRunner
 from diversed.head import EnsembleHead, HeadConfig
 from diversed.metrics import Metrics
 from diversed.models import load_pair
@@ -71,8 +73,8 @@ class WrongResidual(Exact):
 def next_token_state(pair, tokens: list[int]):
     """(p, q, draft hidden, target hidden) after `tokens`, from fresh (uncached) forwards."""
     with torch.inference_mode():
-        t_logits, t_hidden = CachedModel(pair.target, pair.vocab_size).feed(tokens, 1)
-        d_logits, d_hidden = CachedModel(pair.draft, pair.vocab_size).feed(tokens, 1)
+        t_logits, t_hidden = TorchRunner(pair.target, pair.vocab_size).feed(tokens, 1)
+        d_logits, d_hidden = TorchRunner(pair.draft, pair.vocab_size).feed(tokens, 1)
     return logits_to_probs(t_logits, PARAMS).double(), logits_to_probs(d_logits, PARAMS).double(), d_hidden, t_hidden
 
 
@@ -109,8 +111,8 @@ def theory(pair, verifier: Verifier, confidence: float = 0.0):
 
 def simulate(pair, verifier: Verifier, rounds: int, seed: int = 0, confidence: float = 0.0):
     generator = torch.Generator(device=pair.device).manual_seed(seed)
-    target = CachedModel(pair.target, pair.vocab_size)
-    draft = CachedModel(pair.draft, pair.vocab_size)
+    target = TorchRunner(pair.target, pair.vocab_size)
+    draft = TorchRunner(pair.draft, pair.vocab_size)
     metrics = Metrics()
     outcomes: dict[tuple, int] = {}
     k_counts = [0, 0, 0]
@@ -118,7 +120,7 @@ def simulate(pair, verifier: Verifier, rounds: int, seed: int = 0, confidence: f
         target.feed(PREFIX[:-1], 0)
         draft.feed(PREFIX[:-1], 0)
         for _ in range(rounds):
-            outcome = speculative_round(target, draft, verifier, list(PREFIX), 2, PARAMS, generator, metrics, confidence)
+            outcome = speculative_round(target, ModelProposer(draft, pair.vocab_size, confidence), verifier, list(PREFIX), 2, PARAMS, generator, metrics)
             key = ("k0", outcome.tokens[0]) if outcome.accepted == 0 else ("k1+", outcome.tokens[0], outcome.tokens[1])
             outcomes[key] = outcomes.get(key, 0) + 1
             # k counts accepted tokens; with an early stop after x_1, k = 1 means x_1 + bonus.

@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 
-from diversed.engine import CachedModel, GenerationConfig, speculative_round
+from diversed.engine import GenerationConfig, speculative_round
+from diversed.proposers import ModelProposer
+from diversed.runners.hf import TorchRunner
 from diversed.generation import MethodSpec, default_method, encode_prompt, generate
 from diversed.metrics import Metrics
 from diversed.models import load_pair
@@ -55,20 +57,20 @@ def test_exact_greedy_more_cases(pair_fp32, prompt_index, draft_length):
 @pytest.mark.ci
 def test_kv_rollback_on_the_real_pair(pair_fp32):
     generator = torch.Generator().manual_seed(0)
-    target = CachedModel(pair_fp32.target, pair_fp32.vocab_size)
-    draft = CachedModel(pair_fp32.draft, pair_fp32.vocab_size)
+    target = TorchRunner(pair_fp32.target, pair_fp32.vocab_size)
+    draft = TorchRunner(pair_fp32.draft, pair_fp32.vocab_size)
     committed = encode_prompt(pair_fp32, PROMPTS[0])
     metrics = Metrics()
     with torch.inference_mode():
         target.feed(committed[:-1], 0)
         draft.feed(committed[:-1], 0)
         for _ in range(4):
-            outcome = speculative_round(target, draft, StaticEnsemble(0.5), committed, 5, SamplingParams(1.5), generator, metrics)
+            outcome = speculative_round(target, ModelProposer(draft, pair_fp32.vocab_size), StaticEnsemble(0.5), committed, 5, SamplingParams(1.5), generator, metrics)
             committed = committed + outcome.tokens
         assert metrics.accepted < metrics.drafted  # some rejection was rolled back
         for cached in (target, draft):
             cached_logits, _ = cached.feed(committed[cached.length :], 1)
-            fresh_logits, _ = CachedModel(cached.model, pair_fp32.vocab_size).feed(committed, 1)
+            fresh_logits, _ = TorchRunner(cached.model, pair_fp32.vocab_size).feed(committed, 1)
             torch.testing.assert_close(cached_logits, fresh_logits, rtol=1e-3, atol=1e-3)
 
 

@@ -58,6 +58,7 @@ def server(model_dirs, tmp_path_factory) -> str:
         "--target", str(target), "--draft", str(draft), "--dtype", "float32", "--head", str(head), "--queue-size", "1",
         "--request-timeout", str(REQUEST_TIMEOUT), "--max-tokens-limit", str(MAX_TOKENS_LIMIT),
         "--max-draft-length", str(MAX_DRAFT_LENGTH), "--log-level", "warning",
+        "--draft-length", "5",  # a fixed N: responses are compared with the library's at N = 5
     ]
     # One intra-op thread: the machine is shared, and tiny models only lose from more.
     with served(serve_args, log_path, threads=1) as url:

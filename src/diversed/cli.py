@@ -11,7 +11,8 @@ from .errors import DiversedError, UserInputError
 from .generation import MethodSpec, build_verifier, default_method, start_generation
 from .engine import GenerationConfig
 from .head import resolve_head_path
-from .models import DTYPES, load_pair
+from .draft_length import parse_draft_length
+from .models import BACKENDS, DTYPES, load_pair
 from .sampling import SamplingParams
 from .verifiers import CASCADE_RULES, METHODS, make_verifier
 
@@ -22,9 +23,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--target/--draft/--dtype, shared by every command that loads a pair."""
     group = parser.add_argument_group("models (default: the embedded Qwen2.5-Coder 1.5B/0.5B pair)")
     group.add_argument("--target", help="target model: Hugging Face id, local directory or .gguf file")
-    group.add_argument("--draft", help="draft model (same vocabulary as the target)")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights dtype (default: bfloat16)")
+    group.add_argument("--draft", help="draft model (same vocabulary as the target), or `ngram` for prompt-lookup drafting")
+    group.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="torch weights dtype (default: bfloat16)")
     group.add_argument("--device", default="cpu", help="where both models run: cpu, cuda, cuda:N, mps (default: cpu)")
+    group.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="auto (default): the faster of torch and llama.cpp for this pair on this machine, measured once; torch on a GPU")
+    group.add_argument("--verbose", "-v", action="store_true", help="say which backend and draft lengths were chosen, and why")
+
+
+NGRAM = "ngram"
+
+
+def pair_from_args(args: argparse.Namespace, needs_draft: bool = True):
+    """Load the pair the model flags name (no draft model for `--draft ngram`)."""
+    with_draft = needs_draft and args.draft != NGRAM
+    pair = load_pair(args.target, None if args.draft == NGRAM else args.draft, args.dtype, with_draft=with_draft,
+                     device=args.device, backend=args.backend)
+    if getattr(args, "verbose", False):
+        print(f"note: backend {pair.backend} ({pair.backend_reason})", file=sys.stderr)
+    return pair
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +56,9 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding")
-    group.add_argument("--draft-length", "-N", type=int, default=5, help="draft tokens per round N (default 5)")
+    group.add_argument("--draft-length", "-N", default="auto",
+                       help="draft tokens per round N, or auto (default): each round the N in 0..--max-draft-length with the "
+                            "most expected tokens per second, from this machine's measured costs and the acceptance so far")
     group.add_argument("--temperature", "-T", type=float, default=1.0, help="0 = greedy (default 1.0)")
     group.add_argument("--top-k", type=int, default=0, help="0 disables (default)")
     group.add_argument("--top-p", type=float, default=1.0, help="1.0 disables (default)")
@@ -47,6 +66,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="makes sampling reproducible")
     group.add_argument("--draft-confidence", type=float, default=0.0,
                        help="end a draft early when the draft's probability of its token is below this (0 = always N)")
+    group.add_argument("--bias-budget", type=float,
+                       help="once a response's estimated bias reaches this, verify the rest exactly (default: no budget)")
 
 
 def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
@@ -81,8 +102,10 @@ def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
 
 def config_from_args(args: argparse.Namespace, stop: tuple[str, ...] = ()) -> GenerationConfig:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    return GenerationConfig(args.max_new_tokens, args.draft_length, sampling, args.seed, stop,
-                            draft_confidence=args.draft_confidence)
+    limits = {"max_draft_length": args.max_draft_length} if getattr(args, "max_draft_length", None) else {}
+    return GenerationConfig(args.max_new_tokens, parse_draft_length(args.draft_length), sampling, args.seed, stop,
+                            draft_confidence=args.draft_confidence, proposer=NGRAM if args.draft == NGRAM else "model",
+                            bias_budget=args.bias_budget, **limits)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -90,13 +113,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserInputError("the prompt is empty")
     spec = method_spec_from_args(args)
     config = config_from_args(args)
-    needs_draft = spec is None or spec.method != "ar"
-    pair = load_pair(args.target, args.draft, args.dtype, with_draft=needs_draft, device=args.device)
+    pair = pair_from_args(args, needs_draft=spec is None or spec.method != "ar")
     if spec is None:
         spec, why = default_method(pair)
         print(f"note: {why}", file=sys.stderr)
-    verifier = build_verifier(pair, spec)
+    verifier = build_verifier(pair, spec, config.proposer)
     generation = start_generation(pair, args.prompt, spec, config, raw=args.raw, verifier=verifier)
+    if args.verbose and generation.policy is not None:
+        print(f"note: draft length {describe_policy(generation.policy)}", file=sys.stderr)
     for delta in generation:
         if args.stream and args.json:
             print(json.dumps({"text_delta": delta}), flush=True)
@@ -105,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generation.result
     assert result is not None
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "backend": pair.backend, "backend_reason": pair.backend_reason}))
         return 0
     if args.stream:
         print()
@@ -113,6 +137,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(result.text)
     print(summary_line(result), file=sys.stderr)
     return 0
+
+
+def describe_policy(policy) -> str:
+    costs = getattr(policy, "costs", None)
+    if costs is None:
+        return f"fixed N = {policy.n}"
+    v = ", ".join(f"{x:.2f}" for x in costs.verify)
+    return f"auto, N in 0..{policy.max_draft_length}, c = {costs.c:.3f}, v(1..) = {v} (measured on this machine)"
 
 
 def summary_line(result) -> str:
@@ -124,6 +156,8 @@ def summary_line(result) -> str:
             f"mean accepted length {m.mean_accepted_length:.2f}",
             f"estimated bias {m.estimated_bias:.3f}",
         ]
+    if m.rounds:
+        parts.append(f"{m.rounds} rounds, {m.drafted / m.rounds:.1f} drafted per round")
     return "[" + " · ".join(parts) + "]"
 
 
@@ -137,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("--raw", action="store_true", help="feed the prompt as-is (default: the target's chat template)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are committed")
-    gen.add_argument("--json", action="store_true", help='print one JSON object {"text","token_ids","method","metrics"}')
+    gen.add_argument("--json", action="store_true", help='print one JSON object {"text","token_ids","method","metrics","backend"}')
+    gen.add_argument("--max-draft-length", type=int, default=8, help="N_max for --draft-length auto (default 8)")
     gen.set_defaults(handler=cmd_generate)
     for register in _EXTRA_COMMANDS:
         register(sub)

@@ -1,31 +1,40 @@
-"""The speculative-decoding engine: rounds, KV caches, stopping, metrics (SPEC §2).
+"""The speculative-decoding engine: rounds, KV caches, stopping, metrics (docs/method.md §2).
 
 One round:
-1. the draft proposes N tokens x_1..x_N ~ q autoregressively (KV-cached);
+1. the proposer drafts N tokens x_1..x_N ~ q (a draft model, KV-cached, or prompt lookup);
 2. the target runs once over [last committed token] + x_1..x_N (KV-cached) -> p_1..p_{N+1};
 3. the verifier accepts a prefix x_1..x_k; at the first rejection a *recovered* token is drawn
    from its residual, and if all N are accepted a *bonus* token is drawn from p_{N+1};
 4. both caches are rolled back to the committed tokens.
 
+N = 0 is a plain target step. N comes from a draft-length policy (fixed, or `auto`:
+`draft_length.py`) that sees only earlier rounds.
+
 Invariant between rounds: `committed` holds prompt + emitted tokens; the target's cache
 holds all but the last committed token (the *pending* token, fed at the start of the next
 round); the draft's cache holds a prefix of the committed tokens and catches up when it
-drafts. The engine never looks inside a verifier: it asks for an acceptance table, a
-residual, or the greedy rule (see `verifiers.py`).
+drafts. The engine never looks inside a verifier, a runner or a proposer: it asks a verifier
+for its tables (`verifiers.py`), a runner to feed or roll back (`runners/`), a proposer for a
+draft (`proposers.py`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
+from .draft_length import DraftLengthPolicy, FixedDraftLength
 from .errors import UserInputError
 from .metrics import Metrics
+from .proposers import PROPOSERS, Proposer, point_masses
+from .runners import ModelRunner
 from .sampling import SamplingParams, choose, logits_to_probs, sample, total_variation
-from .verifiers import Verifier, emitted_distribution
+from .verifiers import Exact, Verifier
+
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class GenerationConfig:
     """Everything about one generation except the method."""
 
     max_new_tokens: int = 128
-    draft_length: int = 5
+    draft_length: int | str = 5  # N, or "auto" (cost-aware, up to max_draft_length; draft_length.py)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer; see `generate`)
@@ -42,50 +51,29 @@ class GenerationConfig:
     # (Hugging Face's assistant_confidence_threshold). The stopping rule depends on the draft
     # alone, so every verifier keeps its guarantee; 0 always drafts N.
     draft_confidence: float = 0.0
+    max_draft_length: int = 8  # N_max for draft_length="auto"
+    proposer: str = "model"  # where drafts come from: "model" (the draft model) or "ngram" (prompt lookup)
+    # Once a response's estimated bias reaches this, the rest is verified exactly (None: no budget).
+    bias_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserInputError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.draft_length < 1:
-            raise UserInputError(f"the draft length N must be >= 1, got {self.draft_length} (--draft-length)")
+        if self.draft_length != AUTO and not (isinstance(self.draft_length, int) and self.draft_length >= 1):
+            raise UserInputError(f"the draft length N must be >= 1 or 'auto', got {self.draft_length!r} (--draft-length)")
+        if not 1 <= self.max_draft_length <= 64:
+            raise UserInputError(f"the maximum draft length must be in [1, 64], got {self.max_draft_length}")
         if not 0 <= self.draft_confidence < 1:
             raise UserInputError(f"the draft confidence threshold must be in [0, 1), got {self.draft_confidence}")
-
-
-class CachedModel:
-    """A causal LM, its KV cache and how many tokens that cache holds."""
-
-    def __init__(self, model: Any, vocab_size: int):
-        from transformers import DynamicCache
-
-        self.model = model
-        self.vocab_size = vocab_size
-        self.cache = DynamicCache(config=model.config)
-        self.body = model.base_model  # the decoder stack without the LM head
-        self.lm_head = model.get_output_embeddings()
-        self.device = next(model.parameters()).device
+        if self.proposer not in PROPOSERS:
+            raise UserInputError(f"unknown proposer {self.proposer!r}; choose one of {', '.join(PROPOSERS)} (--draft)")
+        if self.bias_budget is not None and not self.bias_budget >= 0:
+            raise UserInputError(f"the bias budget must be >= 0, got {self.bias_budget} (--bias-budget)")
 
     @property
-    def length(self) -> int:
-        return self.cache.get_seq_length()
-
-    def feed(self, tokens: list[int] | torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `tokens` to the cache; logits and last-layer hidden states of the last `num_logits` positions.
-
-        -> logits [num_logits, V] (float32), hidden [num_logits, H].
-        """
-        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(1, -1)  # [1, T]
-        hidden = self.body(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[0]  # [T, H]
-        if num_logits == 0:
-            return hidden.new_zeros(0, self.vocab_size).float(), hidden[:0]
-        last = hidden[-num_logits:]  # [num_logits, H]
-        return self.lm_head(last)[:, : self.vocab_size].float(), last
-
-    def rollback(self, length: int) -> None:
-        """Drop cached positions beyond `length`."""
-        extra = self.length - length
-        if extra > 0:
-            self.cache.crop(-extra)
+    def longest_draft(self) -> int:
+        """The most tokens one round may draft."""
+        return self.max_draft_length if self.draft_length == AUTO else int(self.draft_length)
 
 
 @dataclass
@@ -97,40 +85,13 @@ class RoundOutcome:
     accepted: int
 
 
-def draft_block(
-    draft: CachedModel,
-    committed: list[int],
-    n: int,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    confidence: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draft up to n tokens (fewer when `confidence` stops it).
-
-    -> drafted [n'], q [n', V] (what each was drawn from), draft hidden [n', H_d].
-    """
-    drafted, qs, hiddens = [], [], []
-    pending: list[int] | torch.Tensor = committed[draft.length :]  # >= 1 token: the pending one
-    for _ in range(n):
-        logits, hidden = draft.feed(pending, 1)  # [1, V], [1, H_d]
-        q = logits_to_probs(logits[0], params)  # [V]
-        token = choose(q, params, generator)  # []
-        drafted.append(token)
-        qs.append(q)
-        hiddens.append(hidden[0])
-        if q[token] < confidence:
-            break
-        pending = token.reshape(1)
-    return torch.stack(drafted), torch.stack(qs), torch.stack(hiddens)
-
-
 def verify_block(
     verifier: Verifier,
     p: torch.Tensor,
     q: torch.Tensor,
     drafted: torch.Tensor,
-    target_hidden: torch.Tensor,
-    draft_hidden: torch.Tensor,
+    target_hidden: torch.Tensor | None,
+    draft_hidden: torch.Tensor | None,
     params: SamplingParams,
     generator: torch.Generator | None,
 ) -> tuple[int, int, float]:
@@ -144,13 +105,11 @@ def verify_block(
         ctx = verifier.context(draft_hidden, target_hidden[:n])
     else:
         ctx = verifier.context(None, None)
-    # Both tables serve twice: for the decision/recovery and for the bias of emitted positions.
-    acceptance = verifier.acceptance(p_block, q, ctx)  # [n, V]
-    residual = verifier.residual(p_block, q, ctx)  # [n, V]
+    tables = verifier.tables(p_block, q, ctx)  # acceptance, residual, emitted: each [n, V], computed once
     if params.greedy:
         accepted = verifier.greedy_accept(p_block, q, drafted, ctx)  # [n] bool
     else:
-        accept_drafted = acceptance.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # [n]
+        accept_drafted = tables.acceptance.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # [n]
         accepted = torch.rand(n, generator=generator, device=p.device) < accept_drafted  # [n] bool
     rejected = (~accepted).nonzero()
     k = int(rejected[0]) if rejected.numel() else n
@@ -158,47 +117,73 @@ def verify_block(
         if params.greedy:
             next_token = int(verifier.greedy_recovery(p_block, q, ctx)[k])
         else:
-            next_token = int(sample(residual[k], generator))  # recovered token
+            next_token = int(sample(tables.residual[k], generator))  # recovered token
     else:
         next_token = int(choose(p[n], params, generator))  # bonus token from p_{N+1}
     m = min(k + 1, n)  # emitted positions: the accepted ones and the recovered one
-    bias = float(total_variation(emitted_distribution(q[:m], acceptance[:m], residual[:m]), p_block[:m]).sum())
+    bias = float(total_variation(tables.emitted[:m], p_block[:m]).sum())
     return k, next_token, bias
 
 
+@dataclass
+class RoundClock:
+    """Seconds spent drafting and in target forwards; the rest of a round is 'other'."""
+
+    draft: float = 0.0
+    target: float = 0.0
+
+
 def speculative_round(
-    target: CachedModel,
-    draft: CachedModel,
+    target: ModelRunner,
+    proposer: Proposer,
     verifier: Verifier,
     committed: list[int],
     n: int,
     params: SamplingParams,
     generator: torch.Generator | None,
     metrics: Metrics,
-    confidence: float = 0.0,
+    clock: RoundClock | None = None,
 ) -> RoundOutcome:
-    """Run one round (SPEC §2) and roll both caches back to the new committed length."""
-    drafted, q, draft_hidden = draft_block(draft, committed, n, params, generator, confidence)
-    n = drafted.shape[0]
+    """Run one round and roll both caches back to the new committed length."""
+    clock = clock if clock is not None else RoundClock()
+    started = time.perf_counter()
+    proposal = proposer.propose(committed, n, params, generator)
+    drafted_at = time.perf_counter()
+    clock.draft += drafted_at - started
+    n = len(proposal)
+    drafted = proposal.tokens  # [n]
     block = committed[target.length :] + drafted.tolist()  # [pending] + x_1..x_n
-    logits, target_hidden = target.feed(block, n + 1)  # [n+1, V], [n+1, H_t]
+    logits, target_hidden = target.feed(block, n + 1)  # [n+1, V], [n+1, H_t] | None
+    clock.target += time.perf_counter() - drafted_at
     p = logits_to_probs(logits, params)  # [n+1, V]
-    k, next_token, bias = verify_block(verifier, p, q, drafted, target_hidden, draft_hidden, params, generator)
+    if n == 0:  # nothing drafted (prompt lookup found no match): a plain target step
+        k, next_token, bias = 0, int(choose(p[0], params, generator)), 0.0
+    else:
+        q = proposal.probs if proposal.probs is not None else point_masses(drafted, p.shape[-1]).to(p.device)  # [n, V]
+        k, next_token, bias = verify_block(verifier, p, q, drafted, target_hidden, proposal.hidden, params, generator)
     tokens = drafted[:k].tolist() + [next_token]
     metrics.record_round(drafted=n, accepted=k, bias=bias)
     new_length = len(committed) + len(tokens) - 1  # everything but the new pending token
     target.rollback(new_length)
-    draft.rollback(min(draft.length, new_length))
+    proposer.rollback(new_length)
     return RoundOutcome(tokens, n, k)
 
 
 def autoregressive_step(
-    target: CachedModel, committed: list[int], params: SamplingParams, generator: torch.Generator | None, metrics: Metrics
+    target: ModelRunner,
+    committed: list[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    metrics: Metrics,
+    clock: RoundClock | None = None,
 ) -> RoundOutcome:
-    """One target-only step (the `ar` baseline), counted as a round with nothing drafted."""
+    """One target-only step (the `ar` baseline, or N = 0), counted as a round with nothing drafted."""
+    started = time.perf_counter()
     logits, _ = target.feed(committed[target.length :], 1)
+    if clock is not None:
+        clock.target += time.perf_counter() - started
     token = int(choose(logits_to_probs(logits[0], params), params, generator))
-    metrics.rounds += 1
+    metrics.record_round(drafted=0, accepted=0, bias=0.0)
     return RoundOutcome([token], 0, 0)
 
 
@@ -214,60 +199,72 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 @torch.inference_mode()
 def decode(
-    target_model: Any,
-    draft_model: Any | None,
+    target: ModelRunner,
+    proposer: Proposer | None,
     prompt_ids: list[int],
     verifier: Verifier | None,
     config: GenerationConfig,
     *,
-    vocab_size: int,
     eos_token_ids: set[int] = frozenset(),
     metrics: Metrics | None = None,
+    policy: DraftLengthPolicy | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens each round commits, until EOS or `max_new_tokens`.
 
-    `verifier=None` decodes autoregressively with the target alone. `metrics` (if given) is
-    updated in place as rounds complete; `new_tokens` and `seconds` are set at the end.
+    `verifier=None` decodes autoregressively with the target alone. `policy` picks N each
+    round (default: the fixed `config.draft_length`). `metrics` (if given) is updated in
+    place as rounds complete; `new_tokens`, `seconds` and the time split are set at the end.
     EOS ends generation and is not yielded.
     """
     if not prompt_ids:
         raise UserInputError("the prompt is empty")
+    if verifier is not None and proposer is None:
+        raise UserInputError("speculative methods need a draft model or a proposer (--draft)")
+    if policy is None:
+        if config.draft_length == AUTO:
+            raise UserInputError("draft length 'auto' needs measured step costs (use generation.start_generation)")
+        policy = FixedDraftLength(int(config.draft_length))
     metrics = metrics if metrics is not None else Metrics()
     started = time.perf_counter()
+    clock = RoundClock()
     params = config.sampling
-    target = CachedModel(target_model, vocab_size)
     generator = make_generator(config.seed, target.device)
-    draft = CachedModel(draft_model, vocab_size) if verifier is not None else None
-    if verifier is not None and draft_model is None:
-        raise UserInputError("speculative methods need a draft model")
     committed = list(prompt_ids)
     # Prefill everything but the pending last prompt token; no logits are needed yet.
     if len(committed) > 1:
         target.feed(committed[:-1], 0)
-        if draft is not None:
-            draft.feed(committed[:-1], 0)
+        if verifier is not None:
+            proposer.prefill(committed[:-1])
     produced = 0
+    active = verifier
     try:
         while produced < config.max_new_tokens:
             remaining = config.max_new_tokens - produced
-            if draft is None:
-                outcome = autoregressive_step(target, committed, params, generator, metrics)
+            if config.bias_budget is not None and active is not None and metrics.estimated_bias >= config.bias_budget:
+                active = Exact()  # the budget is spent: the rest follows p exactly
+            n = policy.choose(remaining) if active is not None else 0
+            if n == 0:
+                outcome = autoregressive_step(target, committed, params, generator, metrics, clock)
             else:
-                # Never draft past the budget: a round emits at most n + 1 tokens.
-                n = max(1, min(config.draft_length, remaining - 1))
-                outcome = speculative_round(target, draft, verifier, committed, n, params, generator, metrics, config.draft_confidence)
+                outcome = speculative_round(target, proposer, active, committed, n, params, generator, metrics, clock)
+                policy.observe(outcome.drafted, outcome.accepted)
             tokens = outcome.tokens[:remaining]
             eos_at = None if config.ignore_eos else next((i for i, t in enumerate(tokens) if t in eos_token_ids), None)
             if eos_at is not None:
                 tokens = tokens[:eos_at]
             committed.extend(tokens)
             produced += len(tokens)
-            metrics.new_tokens = produced
-            metrics.seconds = time.perf_counter() - started
+            _stamp(metrics, produced, started, clock)
             if tokens:
                 yield tokens
             if eos_at is not None:
                 return
     finally:
-        metrics.new_tokens = produced
-        metrics.seconds = time.perf_counter() - started
+        _stamp(metrics, produced, started, clock)
+
+
+def _stamp(metrics: Metrics, produced: int, started: float, clock: RoundClock) -> None:
+    metrics.new_tokens = produced
+    metrics.seconds = time.perf_counter() - started
+    metrics.draft_seconds = clock.draft
+    metrics.target_seconds = clock.target

@@ -16,6 +16,7 @@ Commands: `diversed eval` and `diversed pareto` (see docs/evaluation.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .engine import CachedModel, GenerationConfig
+from .engine import GenerationConfig
 from .errors import UserInputError
 from .generation import MethodSpec, build_verifier, encode_prompt, generate
 from .metrics import Metrics, ideal_speedup
@@ -68,6 +69,8 @@ class EvalSettings:
     raw: bool = False
     draft_confidence: float = 0.0
     prompt_version: int = 1  # the task's Task.prompt_version
+    backend: str = "torch"  # runs before the llama.cpp backend existed were torch runs
+    proposer: str = "model"
 
     @property
     def sampling(self) -> SamplingParams:
@@ -76,7 +79,7 @@ class EvalSettings:
     def generation_config(self, task: Task, example_id: str) -> GenerationConfig:
         seed = example_seed(self.seed, example_id)
         return GenerationConfig(self.max_new_tokens, self.draft_length, self.sampling, seed, task.stop(self.raw),
-                                draft_confidence=self.draft_confidence)
+                                draft_confidence=self.draft_confidence, proposer=self.proposer)
 
 
 def example_seed(seed: int, example_id: str) -> int:
@@ -179,11 +182,11 @@ def run_eval(
     rows_path = out_dir / ROWS_FILE
     done = {(row["example_id"], row["method"]) for row in load_rows(rows_path)}
     # A round may draft N tokens and emit one more past the prompt.
-    prompts, skipped = encodable_examples(pair, task, examples, settings.raw, room=settings.draft_length + 2)
+    prompts, skipped = encodable_examples(pair, task, examples, settings.raw, room=settings.generation_config(task, "").longest_draft + 2)
     if skipped:
         print(f"note: skipping {len(skipped)} example(s) whose prompt does not fit the context window: {', '.join(skipped[:5])}", file=sys.stderr)
     todo = [(example, ids, spec) for example, ids in prompts for spec in specs if (example.id, spec.label) not in done]
-    verifiers = {spec.label: build_verifier(pair, spec) for spec in specs}
+    verifiers = {spec.label: build_verifier(pair, spec, settings.proposer) for spec in specs}
     if todo:
         _warm_up(pair, prompts[0][1], specs, verifiers, settings)
     with open(rows_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc=f"eval {task.name}", unit="gen", file=sys.stderr, disable=None if progress is None else not progress) as bar:
@@ -195,7 +198,7 @@ def run_eval(
     kept = [example for example, _ in prompts]
     summary = summarize(task, kept, labels, load_rows(rows_path), settings)
     summary["skipped_examples"] = skipped
-    if pair.draft is not None and prompts:
+    if pair.draft is not None and prompts and settings.draft_length != "auto":  # the ideal speedup is for a fixed N
         _add_efficiency(summary, measure_cost_ratio(pair, prompts[0][1]), settings.draft_length)
     write_summary(out_dir, summary)
     plot_eval(summary, out_dir / EVAL_PLOT)
@@ -204,7 +207,7 @@ def run_eval(
 
 def _warm_up(pair: ModelPair, prompt_ids: list[int], specs: Sequence[MethodSpec], verifiers: dict, settings: EvalSettings) -> None:
     """A few tokens per method first, so one-time costs do not land on the first timed row."""
-    config = GenerationConfig(4, settings.draft_length, settings.sampling, 0)
+    config = dataclasses.replace(settings.generation_config(get_task(settings.task), ""), max_new_tokens=4, seed=0, stop=())
     for spec in specs:
         generate(pair, prompt_ids, spec, config, verifier=verifiers[spec.label])
 
@@ -230,7 +233,7 @@ def measure_cost_ratio(pair: ModelPair, prompt_ids: list[int], steps: int = 16) 
     The two models' steps alternate and the medians are compared, so a burst of load on a
     shared machine does not land on one model only.
     """
-    models = [CachedModel(model, pair.vocab_size) for model in (pair.draft, pair.target)]
+    models = [pair.runner("draft"), pair.runner("target")]
     for cached in models:
         cached.feed(prompt_ids, 1)  # prefill
     times: list[list[float]] = [[], []]
@@ -422,12 +425,10 @@ def teacher_forced(
     ids = (prompt_ids + continuation_ids)[: pair.context_window]
     start, end = len(prompt_ids) - 1, len(ids) - 1  # the state at position j predicts token j + 1
     hidden, probs = [], []
-    for model in (pair.target, pair.draft):
-        tokens = torch.tensor([ids], device=next(model.parameters()).device)
-        h = model.base_model(input_ids=tokens).last_hidden_state[0, start:max(start, end)]  # [T, H]
-        logits = model.get_output_embeddings()(h)[:, : pair.vocab_size]  # [T, V]
-        hidden.append(h.float().cpu())
-        probs.append(logits_to_probs(logits, params).cpu())
+    for role in ("target", "draft"):
+        logits, h = pair.runner(role).feed(ids[: max(start, end)], max(0, end - start))  # [T, V], [T, H] | None
+        hidden.append(h.float().cpu() if h is not None else None)
+        probs.append(logits_to_probs(logits[:, : pair.vocab_size], params).cpu())
     return hidden, probs
 
 
@@ -540,21 +541,24 @@ def _load(task_name: str, split: str, n: int | None, data_dir: str | None) -> tu
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
-    from .models import load_pair
+    from .calibration import choose_backend
+    from .cli import NGRAM, config_from_args, pair_from_args
 
     task, examples = _load(args.task, args.split, args.n, args.data_dir)
     specs = _parse_methods(args.methods)
-    config_from_args(args)  # validates the sampling options before the models load
+    config = config_from_args(args)  # validates the sampling options before the models load
+    target, draft = args.target or DEFAULT_TARGET.name, NGRAM if args.draft == NGRAM else args.draft or DEFAULT_DRAFT.name
+    if args.backend == "auto":  # resolved first: the backend is a setting (weights and kernels differ)
+        args.backend, _ = choose_backend(target, None if draft == NGRAM else draft, args.dtype, args.device)
     settings = EvalSettings(
-        task=task.name, split=args.split, target=args.target or DEFAULT_TARGET.name, draft=args.draft or DEFAULT_DRAFT.name,
+        task=task.name, split=args.split, target=target, draft=draft,
         dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        draft_length=args.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
-        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version,
+        draft_length=config.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
+        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=args.backend, proposer=config.proposer,
     )
     out_dir = Path(args.out)
     check_settings(out_dir, settings)  # fail before the (slow) model load
-    pair = load_pair(args.target, args.draft, args.dtype, with_draft=any(spec.method != "ar" for spec in specs), device=args.device)
+    pair = pair_from_args(args, needs_draft=any(spec.method != "ar" for spec in specs))
     summary = run_eval(pair, task, examples, specs, settings, out_dir)
     print(summary_markdown(summary))
     print(f"rows, summary and plot in {out_dir}/", file=sys.stderr)
@@ -562,12 +566,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from .models import load_pair
+    from .cli import pair_from_args
 
     task, examples = _load(args.task, args.split, args.n, args.data_dir)
     weights = _parse_weights(args.weights)
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
-    pair = load_pair(args.target, args.draft, args.dtype, device=args.device)
+    pair = pair_from_args(args)
     front = theoretical_front(pair, task, examples, params, weights, raw=args.raw)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -604,7 +608,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--methods", default="ar,exact,static:0.9,static:0.7", help="comma-separated: ar, exact, static:W, diversed:HEAD, lenient:L, cascade:RULE:A, typical (default %(default)s)")
     add_model_args(ev)
     add_sampling_args(ev)
-    ev.set_defaults(handler=cmd_eval, max_new_tokens=256, seed=0)
+    # A fixed N by default: rows of different methods then compare at the same draft length.
+    ev.set_defaults(handler=cmd_eval, max_new_tokens=256, seed=0, draft_length=5)
 
     pa = subparsers.add_parser("pareto", help="exact rejection/bias front of the static ensemble on reference texts")
     _add_task_args(pa, default_n=50)

@@ -14,11 +14,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .engine import GenerationConfig, decode
+from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
+from .engine import AUTO, GenerationConfig, decode
 from .errors import UserInputError
 from .head import load_head
 from .metrics import Metrics
 from .models import ModelPair
+from .proposers import ModelProposer, NgramProposer, Proposer
 from .verifiers import DEFAULT_STATIC_WEIGHT, METHODS, Verifier, make_verifier
 
 # The shipped head `diversed` uses when the user names no method. Only a head shown to help
@@ -89,12 +91,37 @@ def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD) -> 
     )
 
 
-def build_verifier(pair: ModelPair, spec: MethodSpec) -> Verifier | None:
+def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = "model") -> Verifier | None:
     """The verifier for a method spec (None for `ar`), loading and checking a head if needed."""
+    if spec.method != "ar" and proposer == "model" and pair.draft is None:
+        raise UserInputError(f"--method {spec.method} needs a draft model (or --draft ngram)")
     head = load_head(spec.head, pair.signature()).to(pair.device) if spec.method == "diversed" and spec.head else None
-    if spec.method != "ar" and pair.draft is None:
-        raise UserInputError(f"--method {spec.method} needs a draft model")
     return make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule, head=head)
+
+
+def make_proposer(pair: ModelPair, verifier: Verifier | None, config: GenerationConfig) -> Proposer | None:
+    """Where drafted tokens come from (None for `ar`); refuses combinations that cannot work."""
+    if verifier is None:
+        return None
+    if config.proposer == "ngram":
+        if verifier.needs_hidden_states:
+            raise UserInputError(f"--method {verifier.name} needs the draft model's hidden states; prompt-lookup drafting (--draft ngram) has none")
+        return NgramProposer(device=pair.device)
+    if pair.draft is None:
+        raise UserInputError(f"--method {verifier.name} needs a draft model (or --draft ngram)")
+    runner = pair.runner("draft")
+    if verifier.needs_hidden_states and not runner.has_hidden_states:
+        raise UserInputError(f"--method {verifier.name} needs hidden states, which the {pair.backend} backend does not return")
+    return ModelProposer(runner, pair.vocab_size, config.draft_confidence)
+
+
+def make_policy(pair: ModelPair, config: GenerationConfig) -> DraftLengthPolicy:
+    """The draft length rule: fixed N, or `auto` from this machine's measured step costs."""
+    if config.draft_length != AUTO:
+        return FixedDraftLength(int(config.draft_length))
+    from .calibration import step_costs
+
+    return AdaptiveDraftLength(step_costs(pair, config.max_draft_length, config.proposer), config.max_draft_length)
 
 
 def encode_prompt(pair: ModelPair, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
@@ -151,12 +178,14 @@ class Generation:
     verifier: Verifier | None
     config: GenerationConfig
     method: str
+    proposer: Proposer | None = None
+    policy: DraftLengthPolicy | None = None
     metrics: Metrics = field(default_factory=Metrics)
     result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         config = self.config
-        budget = self.pair.context_window - len(self.prompt_ids) - config.draft_length - 1
+        budget = self.pair.context_window - len(self.prompt_ids) - config.longest_draft - 1
         if budget < 1:
             raise UserInputError(f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context window ({self.pair.context_window})")
         if config.max_new_tokens > budget:
@@ -166,14 +195,14 @@ class Generation:
         finish_reason = "length"
         hold = max((len(s) for s in config.stop), default=1) - 1
         tokens = decode(
-            self.pair.target,
-            self.pair.draft,
+            self.pair.runner("target"),
+            self.proposer,
             self.prompt_ids,
             self.verifier,
             config,
-            vocab_size=self.pair.vocab_size,
             eos_token_ids=self.pair.eos_token_ids,
             metrics=self.metrics,
+            policy=self.policy,
         )
         for chunk in tokens:
             token_ids.extend(chunk)
@@ -225,8 +254,10 @@ def start_generation(
     else:
         prompt_ids = encode_prompt(pair, prompt, raw)  # type: ignore[arg-type]
     if verifier is None:
-        verifier = build_verifier(pair, spec)
-    return Generation(pair, prompt_ids, verifier, config, spec.label)
+        verifier = build_verifier(pair, spec, config.proposer)
+    proposer = make_proposer(pair, verifier, config)  # refuses impossible combinations before anything runs
+    policy = make_policy(pair, config) if proposer is not None else None
+    return Generation(pair, prompt_ids, verifier, config, spec.label, proposer, policy)
 
 
 def generate(

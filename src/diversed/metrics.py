@@ -20,6 +20,8 @@ class Metrics:
     new_tokens: int = 0
     seconds: float = 0.0
     estimated_bias: float = 0.0  # sum over emitted positions of TV(emitted distribution, p)
+    draft_seconds: float = 0.0  # proposing (draft-model forwards and sampling, or prompt lookup)
+    target_seconds: float = 0.0  # target forwards
     accepted_per_position: list[int] = field(default_factory=list)  # [N]: rounds accepting position i
     drafted_per_position: list[int] = field(default_factory=list)  # [N]: rounds that drafted position i
 
@@ -31,6 +33,11 @@ class Metrics:
     def mean_accepted_length(self) -> float | None:
         """Tokens emitted per target call: 1 + accepted / rounds."""
         return 1 + self.accepted / self.rounds if self.rounds else None
+
+    @property
+    def other_seconds(self) -> float:
+        """Neither drafting nor a target forward: verification maths, sampling, bookkeeping."""
+        return max(0.0, self.seconds - self.draft_seconds - self.target_seconds)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -58,6 +65,8 @@ class Metrics:
             new_tokens=self.new_tokens + other.new_tokens,
             seconds=self.seconds + other.seconds,
             estimated_bias=self.estimated_bias + other.estimated_bias,
+            draft_seconds=self.draft_seconds + other.draft_seconds,
+            target_seconds=self.target_seconds + other.target_seconds,
         )
         for mine, theirs, pooled in (
             (self.accepted_per_position, other.accepted_per_position, out.accepted_per_position),
@@ -76,6 +85,7 @@ class Metrics:
         out["acceptance_rate"] = self.acceptance_rate
         out["mean_accepted_length"] = self.mean_accepted_length
         out["tokens_per_second"] = self.tokens_per_second
+        out["other_seconds"] = self.other_seconds
         return out
 
     @classmethod

@@ -25,6 +25,7 @@ import torch
 
 from .errors import ModelLoadError, PairMismatchError, UserInputError
 from .head import PairSignature
+from .runners import ModelRunner
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -121,11 +122,10 @@ def convert_embedded(spec: EmbeddedModel) -> Path:
     hf_logging.enable_progress_bar()  # dequantizing takes a while: show it
     work = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=_ensure_dir(target_dir.parent)))
     try:
-        gguf = assemble_gguf(spec, work / f"{spec.name}.gguf")
+        gguf = embedded_gguf(spec)  # kept: the llama.cpp backend runs it as is
         print(f"converting {spec.name} to bf16 safetensors (about a minute, once)...", file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf.name, dtype=torch.bfloat16)
-        gguf.unlink()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
         out = work / "out"
         out.mkdir()
         # save_pretrained refuses GGUF-loaded models: save the weights and a clean config.
@@ -169,7 +169,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu"):
-    """(model, tokenizer, name) from an embedded model name, a local dir, a .gguf file or a hub id."""
+    """(model, tokenizer, name) from an embedded model name, a local dir, a .gguf file or a hub id (torch backend)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -192,47 +192,145 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu"):
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {spec!r}: {first_line}") from None
+        raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(exc)}") from None
     model.to(target_device).eval().requires_grad_(False)
     return model, tokenizer, name
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def gguf_path(spec: str) -> Path | None:
+    """The GGUF file behind a model spec (an embedded model, assembled once), or None if it has none."""
+    if spec in EMBEDDED:
+        return embedded_gguf(EMBEDDED[spec])
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        return path
+    return None
+
+
+def embedded_gguf(spec: EmbeddedModel) -> Path:
+    """The assembled, checksum-verified GGUF of an embedded model under $DIVERSED_HOME/gguf (built once)."""
+    path = diversed_home() / "gguf" / f"{spec.name}.gguf"
+    if path.is_file() and path.stat().st_size == spec.size:
+        return path
+    partial = path.with_name(f".{path.name}.partial")
+    assemble_gguf(spec, partial)
+    partial.rename(path)
+    return path
+
+
+def load_gguf_tokenizer(path: Path) -> Any:
+    """The Hugging Face tokenizer of a GGUF model: a tokenizer saved beside it, else the one
+    in the GGUF's metadata (converted once and cached under $DIVERSED_HOME/tokenizers)."""
+    from transformers import AutoTokenizer
+
+    if (path.parent / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path.parent))
+    cached = diversed_home() / "tokenizers" / f"{path.stem}-{path.stat().st_size}"
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the tokenizer of {path}: {_first_line(exc)}") from None
+    tokenizer.save_pretrained(str(_ensure_dir(cached)))
+    return tokenizer
+
+
+def load_llamacpp_model(spec: str) -> tuple[Any, Any, str]:
+    """(LlamaCppModel, tokenizer, name) for the llama.cpp backend; a one-line error without a GGUF."""
+    from .runners.llamacpp import LlamaCppModel, import_llama_cpp
+
+    import_llama_cpp()  # fail first with the install hint
+    path = gguf_path(spec)
+    if path is None:
+        raise UserInputError(f"the llama.cpp backend needs a GGUF model; {spec!r} has none (give a .gguf file, or use --backend torch)")
+    name = spec if spec in EMBEDDED else path.stem
+    return LlamaCppModel(path), load_gguf_tokenizer(path), name
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the engine and the text layer need to know of a loaded model, whatever its backend."""
+
+    vocab_rows: int  # rows of the LM head (logits per position)
+    hidden_size: int
+    context_window: int
+    eos_token_ids: frozenset[int]
+    device: torch.device
+
+
+def model_facts(model: Any) -> ModelFacts:
+    if getattr(model, "backend", None) == "llama.cpp":
+        return ModelFacts(model.vocab_size, model.hidden_size, model.context_window, frozenset(model.eos_token_ids), torch.device("cpu"))
+    eos: set[int] = set()
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id):
+        if isinstance(source, int):
+            eos.add(source)
+        elif source:
+            eos.update(source)
+    return ModelFacts(
+        model.get_output_embeddings().out_features,
+        int(model.config.hidden_size),
+        int(getattr(model.config, "max_position_embeddings", 1 << 30)),
+        frozenset(eos),
+        next(model.parameters()).device,
+    )
+
+
 @dataclass
 class ModelPair:
-    """A target and a draft that share one vocabulary, with the tokenizer they share."""
+    """A target and a draft that share one vocabulary, with the tokenizer they share.
 
-    target: Any  # transformers PreTrainedModel
-    draft: Any | None  # None for a target-only (autoregressive) setup
+    `target` and `draft` are the backend's models (a transformers PreTrainedModel for
+    `torch`, a `LlamaCppModel` for `llama.cpp`); everything above the models reaches them
+    through `runner` and the facts below, never through backend types.
+    """
+
+    target: Any
+    draft: Any | None  # None for a target-only (autoregressive or prompt-lookup) setup
     tokenizer: Any
     target_name: str
     draft_name: str | None
+    backend: str = "torch"
+    backend_reason: str = ""  # why this backend was chosen (--backend auto)
+
+    def runner(self, role: str = "target") -> ModelRunner:
+        """A fresh runner (empty KV cache) over the target or the draft."""
+        model = self.target if role == "target" else self.draft
+        if model is None:
+            raise UserInputError("this operation needs a draft model")
+        if self.backend == "llama.cpp":
+            return model.runner()
+        from .runners.hf import TorchRunner
+
+        return TorchRunner(model, self.vocab_size)
 
     @property
     def vocab_size(self) -> int:
         """Logits are compared over the rows both models have (equal for same-family pairs)."""
-        sizes = [self.target.get_output_embeddings().out_features]
-        if self.draft is not None:
-            sizes.append(self.draft.get_output_embeddings().out_features)
-        return min(sizes)
+        return min(model_facts(m).vocab_rows for m in (self.target, self.draft) if m is not None)
 
     @property
     def device(self) -> torch.device:
         """Where the models (and so their probabilities, heads and sampling generators) live."""
-        return next(self.target.parameters()).device
+        return model_facts(self.target).device
 
     @property
     def context_window(self) -> int:
-        return int(getattr(self.target.config, "max_position_embeddings", 1 << 30))
+        return model_facts(self.target).context_window
 
     @property
     def eos_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.target.generation_config.eos_token_id, self.target.config.eos_token_id, getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
+        ids = set(model_facts(self.target).eos_token_ids)
+        source = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(source, int):
+            ids.add(source)
         return ids
 
     def signature(self) -> PairSignature:
@@ -241,8 +339,8 @@ class ModelPair:
         return PairSignature(
             target=self.target_name,
             draft=self.draft_name or "",
-            target_hidden_size=int(self.target.config.hidden_size),
-            draft_hidden_size=int(self.draft.config.hidden_size),
+            target_hidden_size=model_facts(self.target).hidden_size,
+            draft_hidden_size=model_facts(self.draft).hidden_size,
             vocab_size=self.vocab_size,
         )
 
@@ -263,14 +361,41 @@ def check_vocabularies(target_tokenizer: Any, draft_tokenizer: Any, target_name:
     )
 
 
+BACKENDS = ("auto", "torch", "llama.cpp")
+
+
 def load_pair(
-    target: str | None = None, draft: str | None = None, dtype: str = "bfloat16", with_draft: bool = True, device: str = "cpu"
+    target: str | None = None,
+    draft: str | None = None,
+    dtype: str = "bfloat16",
+    with_draft: bool = True,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> ModelPair:
-    """Load a pair onto one device; both default to the embedded Qwen2.5-Coder pair."""
+    """Load a pair onto one device and backend; both models default to the embedded Qwen2.5-Coder pair.
+
+    `backend="auto"` picks, on a CPU, the backend whose measured target step is faster for
+    this pair on this machine (measured once and cached; `calibration.py`), and torch on an
+    accelerator or for a pair without GGUF files.
+    """
+    if backend not in BACKENDS:
+        raise UserInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     resolve_device(device)  # fail before the (slow) load
-    target_model, tokenizer, target_name = load_model(target or DEFAULT_TARGET.name, dtype, device)
-    if not with_draft:
-        return ModelPair(target_model, None, tokenizer, target_name, None)
-    draft_model, draft_tokenizer, draft_name = load_model(draft or DEFAULT_DRAFT.name, dtype, device)
+    target, draft = target or DEFAULT_TARGET.name, (draft or DEFAULT_DRAFT.name) if with_draft else None
+    reason = f"--backend {backend}"
+    if backend == "auto":
+        from .calibration import choose_backend
+
+        backend, reason = choose_backend(target, draft, dtype, device)
+    if backend == "llama.cpp":
+        if resolve_device(device).type != "cpu":
+            raise UserInputError(f"the llama.cpp backend runs on the CPU here; --device {device} needs --backend torch")
+        load = load_llamacpp_model
+    else:
+        load = lambda spec: load_model(spec, dtype, device)  # noqa: E731
+    target_model, tokenizer, target_name = load(target)
+    if draft is None:
+        return ModelPair(target_model, None, tokenizer, target_name, None, backend, reason)
+    draft_model, draft_tokenizer, draft_name = load(draft)
     check_vocabularies(tokenizer, draft_tokenizer, target_name, draft_name)
-    return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name)
+    return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name, backend, reason)

@@ -78,7 +78,7 @@ class ServerSettings:
             (self.max_tokens_limit >= 1, f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}"),
             (self.max_draft_length >= 1, f"--max-draft-length must be >= 1, got {self.max_draft_length}"),
             (
-                self.defaults.draft_length <= self.max_draft_length,
+                self.defaults.draft_length == "auto" or self.defaults.draft_length <= self.max_draft_length,
                 f"--draft-length {self.defaults.draft_length} exceeds --max-draft-length {self.max_draft_length}",
             ),
             (self.queue_size >= 0, f"--queue-size must be >= 0, got {self.queue_size}"),
@@ -107,7 +107,8 @@ class SpeculativeOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     method: str | None = None
     weight: float | None = None
-    draft_length: int | None = None
+    draft_length: int | str | None = None  # N, or "auto"
+    bias_budget: float | None = None
     head: str | None = None
     lenience: float | None = None
     rule: str | None = None
@@ -317,9 +318,9 @@ def request_config(body: _GenerationBody, settings: ServerSettings) -> Generatio
         raise ApiError(f"max_tokens must be between 1 and {settings.max_tokens_limit}, got {max_tokens}", param="max_tokens")
     options = body.speculative or SpeculativeOptions()
     draft_length = defaults.draft_length if options.draft_length is None else options.draft_length
-    if not 1 <= draft_length <= settings.max_draft_length:
+    if draft_length != "auto" and not (isinstance(draft_length, int) and 1 <= draft_length <= settings.max_draft_length):
         raise ApiError(
-            f"speculative.draft_length must be between 1 and {settings.max_draft_length}, got {draft_length}",
+            f"speculative.draft_length must be \"auto\" or between 1 and {settings.max_draft_length}, got {draft_length!r}",
             param="speculative.draft_length",
         )
     sampling = SamplingParams(
@@ -332,8 +333,12 @@ def request_config(body: _GenerationBody, settings: ServerSettings) -> Generatio
     if seed is not None and not -(1 << 63) <= seed < (1 << 64):  # what torch.Generator.manual_seed takes
         raise ApiError(f"seed must be a 64-bit integer, got {seed}", param="seed")
     # replace(): fields a request cannot set keep the server's defaults.
+    bias_budget = defaults.bias_budget if options.bias_budget is None else options.bias_budget
+    if bias_budget is not None and not bias_budget >= 0:
+        raise ApiError(f"speculative.bias_budget must be >= 0, got {bias_budget}", param="speculative.bias_budget")
     return dataclasses.replace(
-        defaults, max_new_tokens=max_tokens, draft_length=draft_length, sampling=sampling, seed=seed, stop=tuple(s for s in stop if s)
+        defaults, max_new_tokens=max_tokens, draft_length=draft_length, sampling=sampling, seed=seed, stop=tuple(s for s in stop if s),
+        bias_budget=bias_budget,
     )
 
 
@@ -792,7 +797,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
     return ServerSettings(
         default_spec=method_spec_from_args(args),
-        defaults=config_from_args(args),
+        # The largest draft a request may ask for is also N_max for draft_length "auto".
+        defaults=dataclasses.replace(config_from_args(args), max_draft_length=args.max_draft_length),
         max_tokens_limit=args.max_tokens_limit,
         max_draft_length=args.max_draft_length,
         allowed_methods=args.allowed_methods,
@@ -804,15 +810,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .models import load_pair
+    from .cli import pair_from_args
 
     settings = settings_from_args(args)
-    needs_draft = any(method != "ar" for method in settings.allowed_methods)
-    pair = load_pair(args.target, args.draft, args.dtype, with_draft=needs_draft, device=args.device)
+    pair = pair_from_args(args, needs_draft=any(method != "ar" for method in settings.allowed_methods))
     app = create_app(pair, settings)
     print(
         f"serving {settings.model_name or pair.target_name} (draft {pair.draft_name}) on http://{args.host}:{args.port}/v1, "
-        f"default method {app.state.default_spec.label}",
+        f"default method {app.state.default_spec.label}, backend {pair.backend} ({pair.backend_reason})",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -137,3 +137,71 @@ def served(serve_args: list[str], log_path: Path, *, threads: int | None = None,
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# Hugging Face Qwen2 tensor names -> llama.cpp's (GGUF) names.
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+
+
+def build_tiny_gguf(model_dir: str | Path, out_path: str | Path) -> Path:
+    """Write the tiny Qwen2 model in `model_dir` (see `build_tiny_model`) as an f32 GGUF file
+    llama.cpp can run, with its tokenizer saved beside it (the llama.cpp backend reads a
+    tokenizer saved next to a GGUF before the GGUF's own metadata)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer = gguf.GGUFWriter(str(out_path), "qwen2")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    specials = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([token for token, _ in vocab] + [f"<extra_{i}>" for i in range(config.vocab_size - len(vocab))])
+    token_types = [gguf.TokenType.CONTROL if token in specials else gguf.TokenType.NORMAL for token, _ in vocab]
+    writer.add_token_types(token_types + [gguf.TokenType.UNUSED] * (config.vocab_size - len(vocab)))
+    writer.add_token_merges(["a b"])  # llama.cpp requires BPE merges; texts are tokenized by the HF tokenizer
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    for name, tensor in load_file(str(model_dir / "model.safetensors")).items():
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            gguf_name = f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+        else:
+            gguf_name = _GGUF_NAMES[name]
+        writer.add_tensor(gguf_name, np.ascontiguousarray(tensor, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer.save_pretrained(str(out_path.parent))
+    return out_path

@@ -698,7 +698,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 1:
         raise UserInputError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     task, examples = load_training_examples(args.task, settings.prompts, args.data_dir)  # before the slow model load
-    pair = load_pair(args.target, args.draft, args.dtype, device=args.device)
+    if args.backend == "llama.cpp" or args.draft == "ngram":
+        raise UserInputError("training needs the torch backend and a draft model (batched rollouts over both models' KV caches); "
+                             "use --backend torch (or auto) and a draft model")
+    pair = load_pair(args.target, args.draft, args.dtype, device=args.device, backend="torch")
     head = train_head(
         pair, examples, task.prompt, task_reward(task), settings, args.out,
         checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,

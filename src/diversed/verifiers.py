@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 
@@ -45,6 +45,14 @@ class VerifyContext:
 
 
 EMPTY_CONTEXT = VerifyContext()
+
+
+class VerifyTables(NamedTuple):
+    """A round's tables, each [N, V]: P(accept | v drafted), the residual, and the emitted law."""
+
+    acceptance: torch.Tensor
+    residual: torch.Tensor
+    emitted: torch.Tensor
 
 
 class Verifier(ABC):
@@ -73,6 +81,11 @@ class Verifier(ABC):
     @abstractmethod
     def greedy_recovery(self, p: torch.Tensor, q: torch.Tensor, ctx: VerifyContext) -> torch.Tensor:
         """Temperature-0 recovered token. -> [N] token ids."""
+
+    def tables(self, p: torch.Tensor, q: torch.Tensor, ctx: VerifyContext) -> VerifyTables:
+        """All three tables at once (the engine's call: shared work is done once)."""
+        acceptance, residual = self.acceptance(p, q, ctx), self.residual(p, q, ctx)
+        return VerifyTables(acceptance, residual, emitted_distribution(q, acceptance, residual))
 
     def describe(self) -> str:
         return self.name
@@ -105,6 +118,13 @@ class MixtureVerifier(Verifier):
     def residual(self, p, q, ctx):
         v = self.verification_target(p, q, ctx)
         return _residual_or_fallback((v - q).clamp_min(0), v)
+
+    def tables(self, p, q, ctx):
+        cls = type(self)
+        if cls.acceptance is not MixtureVerifier.acceptance or cls.residual is not MixtureVerifier.residual:
+            return super().tables(p, q, ctx)  # a subclass changed a rule: no shortcut
+        v = self.verification_target(p, q, ctx)  # once per round; it is also the emitted law
+        return VerifyTables(_ratio_acceptance(v, q), _residual_or_fallback((v - q).clamp_min(0), v), v)
 
     def greedy_accept(self, p, q, drafted, ctx):
         return self.greedy_recovery(p, q, ctx) == drafted
@@ -353,6 +373,7 @@ def make_verifier(
 __all__ = [
     "Verifier",
     "VerifyContext",
+    "VerifyTables",
     "MixtureVerifier",
     "Exact",
     "StaticEnsemble",

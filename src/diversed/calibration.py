@@ -1,0 +1,170 @@
+"""Per-machine step costs: what one target step, one draft step and a k-token verification
+cost on this machine, backend and pair, measured once and cached under $DIVERSED_HOME.
+
+They drive two choices: `--backend auto` (the backend whose target step is faster) and
+`--draft-length auto` (c and v(k), `draft_length.py`). The cache key names the machine (CPU
+model and the flags that decide kernel speed, core count, or the accelerator), the backend and
+its version, the dtype and the pair, so moving to another machine measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .draft_length import StepCosts, verify_costs_from_seconds
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "sve")
+PROBE_PROMPT_TOKENS = 64
+REPEATS = 5
+DEFAULT_VERIFY_TOKENS = 9  # v(k) up to k = N_max + 1 for the default N_max = 8
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """(CPU model name, the speed-relevant flags it has) from /proc/cpuinfo, or platform facts."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and name in ("", platform.processor(), platform.machine()):
+                name = value.strip()
+            elif key in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    return name, [flag for flag in SPEED_FLAGS if flag in flags]
+
+
+def machine_summary() -> str:
+    """One line naming the CPU, its flags and cores: printed with every benchmark figure."""
+    name, flags = cpu_description()
+    return f"{name} ({os.cpu_count()} cores; {' '.join(flags) or 'no AVX2/AVX-512/AMX'})"
+
+
+def _backend_version(backend: str) -> str:
+    if backend == "llama.cpp":
+        import llama_cpp
+
+        return f"llama-cpp-python {llama_cpp.__version__}"
+    return f"torch {torch.__version__}"
+
+
+def _cache_file() -> Path:
+    from .models import diversed_home
+
+    return Path(os.environ.get("DIVERSED_CALIBRATION", diversed_home() / "calibration.json"))
+
+
+def _key(backend: str, dtype: str, device: str, target: str, draft: str | None) -> str:
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name, flags = cpu_description()
+        where = f"{name}|{os.cpu_count()}|{','.join(flags)}|threads={torch.get_num_threads()}"
+    return "|".join([where, backend, _backend_version(backend), dtype if backend == "torch" else "gguf", target, draft or "-"])
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, entry: dict[str, Any]) -> None:
+    path = _cache_file()
+    cache = _read_cache()
+    cache[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(cache, indent=1))
+    partial.replace(path)  # atomic: a concurrent reader never sees half a file
+
+
+@torch.inference_mode()
+def measure_seconds(pair, max_tokens: int, repeats: int = REPEATS) -> dict[str, Any]:
+    """Median seconds of: one target step, one draft step (if any), and k-token target
+    forwards for k = 1..max_tokens, each after the same prefix, KV-cached, rolled back."""
+    prefix = [(7 * i + 11) % min(pair.vocab_size, 1000) for i in range(PROBE_PROMPT_TOKENS)]
+
+    def timed(runner, tokens: int) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            logits, _ = runner.feed(prefix[-tokens:], tokens)
+            float(logits[-1, 0])  # wait for an accelerator to finish
+            times.append(time.perf_counter() - started)
+            runner.rollback(len(prefix))
+        return statistics.median(times)
+
+    target = pair.runner("target")
+    target.feed(prefix, 0)
+    timed(target, 1)  # warm-up: first-call allocations are not a step's cost
+    verify = [timed(target, k) for k in range(1, max_tokens + 1)]
+    draft_step = None
+    if pair.draft is not None:
+        draft = pair.runner("draft")
+        draft.feed(prefix, 0)
+        timed(draft, 1)
+        draft_step = timed(draft, 1)
+    return {"target_step": verify[0], "draft_step": draft_step, "verify": verify}
+
+
+def calibrated_seconds(pair, dtype: str, device: str, max_tokens: int) -> dict[str, Any]:
+    """`measure_seconds` for this machine, backend and pair, from the cache when it is there."""
+    key = _key(pair.backend, dtype, device, pair.target_name, pair.draft_name)
+    entry = _read_cache().get(key)
+    if entry is None or len(entry["verify"]) < max_tokens or (pair.draft is not None and entry["draft_step"] is None):
+        print(f"calibrating step costs for this machine and the {pair.backend} backend (once)...", file=sys.stderr)
+        entry = measure_seconds(pair, max_tokens)
+        entry["machine"] = machine_summary()
+        _write_cache(key, entry)
+    return entry
+
+
+def pair_dtype(pair) -> str:
+    if pair.backend != "torch":
+        return "gguf"
+    return str(next(pair.target.parameters()).dtype).removeprefix("torch.")
+
+
+def step_costs(pair, max_draft_length: int, proposer: str = "model") -> StepCosts:
+    """c and v(1..N_max+1) for `--draft-length auto`. Prompt lookup costs nothing to draft (c = 0)."""
+    entry = calibrated_seconds(pair, pair_dtype(pair), str(pair.device), max_draft_length + 1)
+    draft_step = entry["draft_step"] if proposer == "model" and entry["draft_step"] is not None else 0.0
+    return verify_costs_from_seconds(entry["target_step"], draft_step, entry["verify"][: max_draft_length + 1])
+
+
+def choose_backend(target: str, draft: str | None, dtype: str, device: str) -> tuple[str, str]:
+    """(backend, why) for --backend auto."""
+    from .models import gguf_path, load_pair, resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return "torch", f"auto: torch on {device}"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "torch", "auto: torch (llama-cpp-python is not installed)"
+    if any(gguf_path(spec) is None for spec in (target, draft) if spec is not None):
+        return "torch", "auto: torch (the pair has no GGUF files for llama.cpp)"
+    seconds = {}
+    for backend in ("llama.cpp", "torch"):
+        key = _key(backend, dtype, device, target, draft)
+        entry = _read_cache().get(key)
+        if entry is None:
+            pair = load_pair(target, draft, dtype, with_draft=draft is not None, device=device, backend=backend)
+            entry = calibrated_seconds(pair, dtype, device, DEFAULT_VERIFY_TOKENS)
+            del pair
+        seconds[backend] = entry["target_step"]
+    best = min(seconds, key=seconds.get)
+    detail = ", ".join(f"{b} {1 / s:.1f}" for b, s in seconds.items())
+    return best, f"auto: {best} (measured target tokens/s on this machine: {detail})"

@@ -1,0 +1,34 @@
+"""The runner protocol every backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+
+class ModelRunner(Protocol):
+    """One causal LM and its KV cache.
+
+    Invariant: the cache holds exactly the first `length` tokens fed since creation (minus
+    what `rollback` dropped); `feed` appends to it.
+    """
+
+    #: True when `feed` returns last-layer hidden states (the dynamic ensemble needs them).
+    has_hidden_states: bool
+    #: Where returned tensors live (probabilities, heads and sampling generators follow).
+    device: torch.device
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache."""
+
+    def feed(self, tokens: Sequence[int] | torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append `tokens` to the cache; outputs of the last `num_logits` positions.
+
+        -> logits [num_logits, V] float32, hidden [num_logits, H] (None when the runner has no
+        hidden states).
+        """
+
+    def rollback(self, length: int) -> None:
+        """Drop cached positions at and beyond `length` (no-op when the cache is shorter)."""

@@ -1,0 +1,204 @@
+"""The llama.cpp runner: a GGUF model run natively through llama-cpp-python's C API.
+
+One `LlamaCppModel` holds the weights; each runner borrows a context (its own KV cache) from
+the model's pool and returns it when the runner is dropped. Rollback is positional
+(`llama_memory_seq_rm`), as llama.cpp's own speculative example does. Hidden states come from
+the same decode as the logits: the context runs with embeddings on and no pooling, so
+llama.cpp returns, for every output position, both the logits and the final-norm hidden state
+(the input of the LM head, the same tensor the torch runner returns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ModelLoadError, UserInputError
+
+BACKEND = "llama.cpp"
+DEFAULT_CONTEXT = 4096  # KV-cache positions per context (prompt + generation)
+
+
+def import_llama_cpp() -> Any:
+    """llama_cpp, or a one-line error saying how to get it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserInputError(
+            "the llama.cpp backend needs llama-cpp-python, which is not installed; run scripts/setup.sh "
+            "(it builds it from source) or use --backend torch"
+        ) from None
+    return llama_cpp
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_quiet_once = threading.Lock()
+_log_callback = None
+
+
+def _silence_llama_logs(llama_cpp: Any) -> None:
+    """llama.cpp prints hundreds of loader lines to stderr; keep the CLI's output readable."""
+    global _log_callback
+    with _quiet_once:
+        if _log_callback is None:
+            _log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+class LlamaCppModel:
+    """Weights of one GGUF model, loaded once; contexts are made on demand and pooled."""
+
+    backend = BACKEND
+
+    def __init__(self, path: str | Path, n_ctx: int = DEFAULT_CONTEXT, threads: int | None = None):
+        self.llama_cpp = llama_cpp = import_llama_cpp()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        _silence_llama_logs(llama_cpp)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self.vocab))  # rows of the LM head
+        self.hidden_size = int(llama_cpp.llama_model_n_embd(self.model))
+        self.train_context = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        self.n_ctx = min(n_ctx, self.train_context) if self.train_context > 0 else n_ctx
+        self.threads = threads or default_threads()
+        self.eos_token_ids = {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
+        self._pool: list[Any] = []
+        self._pool_lock = threading.Lock()
+        weakref.finalize(self, _free_model, llama_cpp, self.model, self._pool)
+
+    @property
+    def context_window(self) -> int:
+        return self.n_ctx
+
+    def new_context(self) -> Any:
+        llama_cpp = self.llama_cpp
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = params.n_ubatch = min(512, self.n_ctx)
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.threads
+        params.embeddings = True  # hidden states with the logits of the same decode
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not create a context for {self.path}")
+        return ctx
+
+    def borrow(self) -> Any:
+        with self._pool_lock:
+            ctx = self._pool.pop() if self._pool else None
+        if ctx is None:
+            return self.new_context()
+        self.llama_cpp.llama_memory_clear(self.llama_cpp.llama_get_memory(ctx), True)
+        return ctx
+
+    def give_back(self, ctx: Any) -> None:
+        with self._pool_lock:
+            self._pool.append(ctx)
+
+    def runner(self) -> "LlamaCppRunner":
+        return LlamaCppRunner(self)
+
+
+def _free_model(llama_cpp: Any, model: Any, pool: list[Any]) -> None:
+    for ctx in pool:
+        llama_cpp.llama_free(ctx)
+    pool.clear()
+    llama_cpp.llama_model_free(model)
+
+
+class LlamaCppRunner:
+    """One KV cache over a `LlamaCppModel` (the ModelRunner protocol)."""
+
+    has_hidden_states = True
+    device = torch.device("cpu")
+
+    def __init__(self, model: LlamaCppModel):
+        self.model = model
+        self.llama_cpp = model.llama_cpp
+        self.ctx = model.borrow()
+        self.memory = self.llama_cpp.llama_get_memory(self.ctx)
+        self.batch_size = min(512, model.n_ctx)
+        self.batch = self.llama_cpp.llama_batch_init(self.batch_size, 0, 1)
+        self._length = 0
+        weakref.finalize(self, _release, model, self.llama_cpp, self.ctx, self.batch)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def feed(self, tokens: Sequence[int] | torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits [num_logits, V] float32, hidden [num_logits, H] float32."""
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        if self._length + len(tokens) > self.model.n_ctx:
+            raise UserInputError(f"the llama.cpp context holds {self.model.n_ctx} tokens; this generation needs more")
+        split = len(tokens) - num_logits
+        # With embeddings on, llama.cpp outputs every token of a batch; so the positions whose
+        # outputs are not wanted go in batches with embeddings off (no outputs at all).
+        self._decode_all(tokens[:split], outputs=False)
+        logits, hidden = self._decode_all(tokens[split:], outputs=True)
+        return logits, hidden
+
+    def _decode_all(self, tokens: list[int], outputs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        llama_cpp, model = self.llama_cpp, self.model
+        logits: list[np.ndarray] = []
+        hidden: list[np.ndarray] = []
+        if tokens:
+            llama_cpp.llama_set_embeddings(self.ctx, outputs)
+        for start in range(0, len(tokens), self.batch_size):
+            chunk = tokens[start : start + self.batch_size]
+            self._decode(chunk, outputs)
+            if outputs:
+                logits.append(self._read(llama_cpp.llama_get_logits(self.ctx), len(chunk), model.vocab_size))
+                hidden.append(self._read(llama_cpp.llama_get_embeddings(self.ctx), len(chunk), model.hidden_size))
+        if not logits:
+            return torch.zeros(0, model.vocab_size), torch.zeros(0, model.hidden_size)
+        return torch.from_numpy(np.concatenate(logits)), torch.from_numpy(np.concatenate(hidden))
+
+    def _decode(self, chunk: list[int], outputs: bool) -> None:
+        """Decode `chunk` at the next positions, every token an output or none."""
+        batch = self.batch
+        batch.n_tokens = len(chunk)
+        for i, token in enumerate(chunk):
+            batch.token[i] = token
+            batch.pos[i] = self._length + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = outputs
+        status = self.llama_cpp.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        self._length += len(chunk)
+
+    @staticmethod
+    def _read(pointer: Any, rows: int, width: int) -> np.ndarray:
+        # Copy out of llama.cpp's buffer: the next decode overwrites it.
+        return np.ctypeslib.as_array(pointer, shape=(rows * width,)).reshape(rows, width).copy()
+
+    def rollback(self, length: int) -> None:
+        if length < self._length:
+            self.llama_cpp.llama_memory_seq_rm(self.memory, 0, length, -1)
+            self._length = length
+
+
+def _release(model: LlamaCppModel, llama_cpp: Any, ctx: Any, batch: Any) -> None:
+    llama_cpp.llama_batch_free(batch)
+    model.give_back(ctx)
