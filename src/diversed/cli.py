@@ -159,7 +159,7 @@ def _register_optional_commands() -> None:
 
     if _EXTRA_COMMANDS:
         return  # already registered (main() may be called many times in one process)
-    for module in ("diversed.evaluate", "diversed.train", "diversed.server"):
+    for module in ("diversed.evaluate", "diversed.train", "diversed.server", "diversed.mining"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
