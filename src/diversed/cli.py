@@ -52,6 +52,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--head", help="diversed: ensemble-head path or shipped head name")
     group.add_argument("--lenience", type=float, help="lenient: l in (0, 1] (default 0.5); cascade: alpha (default 0.1)")
     group.add_argument("--rule", choices=sorted(CASCADE_RULES), help="cascade deferral rule (default token)")
+    group.add_argument("--threshold", type=float, help="klgate: KL(p||q) tau in nats (default 0.5); entgate: H(p) tau in nats (default 1.0)")
+    group.add_argument("--low-weight", type=float, help="klgate/entgate: target weight in [0, 1) where the gate trusts the draft (default 0.1)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -85,18 +87,22 @@ def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
             ("--head", args.head, {"diversed"}),
             ("--lenience", args.lenience, {"lenient", "cascade"}),
             ("--rule", args.rule, {"cascade"}),
+            ("--threshold", getattr(args, "threshold", None), {"klgate", "entgate"}),
+            ("--low-weight", getattr(args, "low_weight", None), {"klgate", "entgate"}),
         )
         if value is not None and method not in owners
     ]
     if misplaced:
         raise UserInputError(f"{', '.join(misplaced)} does not apply to --method {method}")
-    spec = MethodSpec(method, weight=args.weight, lenience=args.lenience, rule=args.rule, head=args.head)
+    spec = MethodSpec(method, weight=args.weight, lenience=args.lenience, rule=args.rule, head=args.head,
+                      threshold=getattr(args, "threshold", None), low_weight=getattr(args, "low_weight", None))
     if method == "diversed":
         if not args.head:
             raise UserInputError("--method diversed needs --head (a path or a shipped head name)")
         resolve_head_path(args.head)
     else:
-        make_verifier(method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule)  # validates the knobs
+        make_verifier(method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule,
+                      threshold=spec.threshold, low=spec.low_weight)  # validates the knobs
     return spec
 
 
@@ -188,7 +194,7 @@ def _register_optional_commands() -> None:
 
     if _EXTRA_COMMANDS:
         return  # already registered (main() may be called many times in one process)
-    for module in ("diversed.evaluate", "diversed.train", "diversed.server"):
+    for module in ("diversed.evaluate", "diversed.train", "diversed.server", "diversed.mining"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -521,7 +521,8 @@ def _parse_methods(text: str) -> list[MethodSpec]:
                 raise UserInputError("diversed needs a head: diversed:PATH or diversed:NAME")
             resolve_head_path(spec.head)
         else:
-            make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule)
+            make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule,
+                          threshold=spec.threshold, low=spec.low_weight)
     return specs
 
 

@@ -21,7 +21,7 @@ from .head import load_head
 from .metrics import Metrics
 from .models import ModelPair
 from .proposers import ModelProposer, NgramProposer, Proposer
-from .verifiers import DEFAULT_STATIC_WEIGHT, METHODS, Verifier, make_verifier
+from .verifiers import DEFAULT_GATE_THRESHOLDS, DEFAULT_STATIC_WEIGHT, METHODS, Verifier, make_verifier
 
 # The shipped head `diversed` uses when the user names no method. Only a head shown to help
 # across tasks belongs here (docs/heads.md); task-specific heads are opt-in (--head NAME).
@@ -37,10 +37,12 @@ class MethodSpec:
     lenience: float | None = None  # lenient l, or cascade alpha
     rule: str | None = None  # cascade rule
     head: str | None = None  # diversed: path or shipped head name
+    threshold: float | None = None  # klgate / entgate tau
+    low_weight: float | None = None  # klgate / entgate weight where the gate trusts the draft
 
     @classmethod
     def parse(cls, text: str) -> "MethodSpec":
-        """`ar`, `exact`, `static:0.7`, `diversed:gsm8k`, `lenient:0.5`, `cascade:token:0.1`, `typical`."""
+        """`ar`, `exact`, `static:0.7`, `diversed:gsm8k`, `lenient:0.5`, `cascade:token:0.1`, `typical`, `klgate:0.5:0.1`."""
         name, _, arg = text.strip().partition(":")
         if name not in METHODS:
             raise UserInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
@@ -54,6 +56,9 @@ class MethodSpec:
             if name == "cascade":
                 rule, _, alpha = arg.partition(":")
                 return cls(name, rule=rule, lenience=float(alpha) if alpha else None)
+            if name in ("klgate", "entgate"):
+                tau, _, low = arg.partition(":")
+                return cls(name, threshold=float(tau), low_weight=float(low) if low else None)
         except ValueError:
             raise UserInputError(f"bad method spec {text!r}: {arg!r} is not a number") from None
         if name == "diversed":
@@ -71,6 +76,9 @@ class MethodSpec:
             return f"cascade:{self.rule or 'token'}" + (f":{self.lenience:g}" if self.lenience is not None else "")
         if self.method == "diversed" and self.head:
             return f"diversed:{self.head}"
+        if self.method in ("klgate", "entgate") and (self.threshold is not None or self.low_weight is not None):
+            tau = DEFAULT_GATE_THRESHOLDS[self.method] if self.threshold is None else self.threshold
+            return f"{self.method}:{tau:g}" + (f":{self.low_weight:g}" if self.low_weight is not None else "")
         return self.method
 
 
@@ -96,7 +104,8 @@ def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = "model") -
     if spec.method != "ar" and proposer == "model" and pair.draft is None:
         raise UserInputError(f"--method {spec.method} needs a draft model (or --draft ngram)")
     head = load_head(spec.head, pair.signature()).to(pair.device) if spec.method == "diversed" and spec.head else None
-    return make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule, head=head)
+    return make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule, head=head,
+                         threshold=spec.threshold, low=spec.low_weight)
 
 
 def make_proposer(pair: ModelPair, verifier: Verifier | None, config: GenerationConfig) -> Proposer | None:

@@ -112,6 +112,8 @@ class SpeculativeOptions(BaseModel):
     head: str | None = None
     lenience: float | None = None
     rule: str | None = None
+    threshold: float | None = None  # klgate / entgate
+    low_weight: float | None = None  # klgate / entgate
 
 
 class _GenerationBody(_Body):
@@ -277,7 +279,8 @@ def resolve_spec(options: SpeculativeOptions | None, default: MethodSpec, settin
 
     if options is None:
         return default
-    knobs = SimpleNamespace(method=options.method, weight=options.weight, head=options.head, lenience=options.lenience, rule=options.rule)
+    knobs = SimpleNamespace(method=options.method, weight=options.weight, head=options.head, lenience=options.lenience, rule=options.rule,
+                            threshold=options.threshold, low_weight=options.low_weight)
     if knobs.method is not None and knobs.method not in METHODS:
         raise ApiError(f"unknown speculative.method {knobs.method!r}; choose one of {', '.join(settings.allowed_methods)}", param="speculative.method")
     if knobs.method == "diversed" and knobs.head is None and default.method == "diversed":

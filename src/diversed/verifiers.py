@@ -140,6 +140,21 @@ def _mix(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor | float) -> torch.Ten
     return w * p + (1 - w) * q
 
 
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in nats per row. [N, V] -> [N]; 0 log 0 = 0."""
+    return -torch.xlogy(p, p).sum(-1)
+
+
+def kl_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) in nats per row. [N, V] -> [N], finite everywhere.
+
+    Where b = 0 but a > 0 the true value is +inf; b is clamped to the dtype's smallest normal
+    so the result is large and finite (a gate only compares it with a threshold), never NaN.
+    """
+    log_b = b.clamp_min(torch.finfo(b.dtype).tiny).log()
+    return (torch.xlogy(a, a) - a * log_b).sum(-1).clamp_min(0)
+
+
 def _check_unit_interval(value: float, what: str, flag: str) -> None:
     if not (isinstance(value, (int, float)) and 0 < value <= 1):
         raise UserInputError(f"{what} must be in (0, 1], got {value!r} ({flag})")
@@ -197,6 +212,72 @@ class DynamicEnsemble(MixtureVerifier):
 
     def describe(self) -> str:
         return "diversed"
+
+
+# Target weight of the gates where they trust the draft. Not 0: the emitted law then keeps some
+# target mass on every token the target supports (v = q would never emit a token the draft
+# gives probability 0), at a cost of only 10% of the acceptance gain at those positions.
+DEFAULT_GATE_LOW = 0.1
+# Gate thresholds (nats) when none is given: starting points for a sweep, not tuned values.
+DEFAULT_GATE_THRESHOLDS = {"klgate": 0.5, "entgate": 1.0}
+
+
+def _check_gate(threshold: float, low: float) -> None:
+    if not (isinstance(threshold, (int, float)) and threshold > 0 and threshold < float("inf")):
+        raise UserInputError(f"the gate threshold must be a positive number, got {threshold!r} (--threshold)")
+    if not (isinstance(low, (int, float)) and 0 <= low < 1):
+        raise UserInputError(f"the gate's low weight must be in [0, 1), got {low!r} (--low-weight)")
+
+
+@dataclass(frozen=True)
+class KLGate(MixtureVerifier):
+    """KL gate: v_i = w_i p_i + (1 - w_i) q_i with w_i = 1 where KL(p_i || q_i) > threshold, else `low`.
+
+    Trusts the draft where it agrees with the target in KL (nats); by Pinsker the bias of an
+    un-gated position is at most (1 - low) sqrt(threshold / 2). Needs only (p, q).
+    """
+
+    name: ClassVar[str] = "klgate"
+    threshold: float = DEFAULT_GATE_THRESHOLDS["klgate"]
+    low: float = DEFAULT_GATE_LOW
+
+    def __post_init__(self) -> None:
+        _check_gate(self.threshold, self.low)
+
+    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """w_i per position. [N, V] -> [N]."""
+        return torch.where(kl_divergence(p, q) > self.threshold, 1.0, self.low).to(p.dtype)
+
+    def verification_target(self, p, q, ctx):
+        return _mix(p, q, self.weights(p, q))
+
+    def describe(self) -> str:
+        return f"klgate(tau={self.threshold:g}, low={self.low:g})"
+
+
+@dataclass(frozen=True)
+class EntropyGate(MixtureVerifier):
+    """Entropy gate (FLy-style): w_i = 1 where H(p_i) > threshold (nats), else `low`.
+
+    Trusts the draft where the target is confident; an uncertain target keeps its own law.
+    """
+
+    name: ClassVar[str] = "entgate"
+    threshold: float = DEFAULT_GATE_THRESHOLDS["entgate"]
+    low: float = DEFAULT_GATE_LOW
+
+    def __post_init__(self) -> None:
+        _check_gate(self.threshold, self.low)
+
+    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """w_i per position. [N, V] -> [N]."""
+        return torch.where(entropy(p) > self.threshold, 1.0, self.low).to(p.dtype)
+
+    def verification_target(self, p, q, ctx):
+        return _mix(p, q, self.weights(p, q))
+
+    def describe(self) -> str:
+        return f"entgate(tau={self.threshold:g}, low={self.low:g})"
 
 
 @dataclass(frozen=True)
@@ -337,7 +418,7 @@ def position_bias(verifier: Verifier, p: torch.Tensor, q: torch.Tensor, ctx: Ver
     return total_variation(induced_distribution(verifier, p, q, ctx), p)
 
 
-METHODS = ("ar", "exact", "static", "diversed", "lenient", "cascade", "typical")
+METHODS = ("ar", "exact", "static", "diversed", "lenient", "cascade", "typical", "klgate", "entgate")
 
 
 def make_verifier(
@@ -349,6 +430,8 @@ def make_verifier(
     head: torch.nn.Module | None = None,
     eps: float | None = None,
     alpha: float | None = None,
+    threshold: float | None = None,
+    low: float | None = None,
 ) -> Verifier | None:
     """The verifier for a method name and its knobs; None for `ar` (no drafting)."""
     if method == "ar":
@@ -367,6 +450,10 @@ def make_verifier(
         return SpeculativeCascade(rule or "token", 0.1 if lenience is None else lenience)
     if method == "typical":
         return TypicalAcceptance(0.09 if eps is None else eps, 0.3 if alpha is None else alpha)
+    if method in ("klgate", "entgate"):
+        gate = KLGate if method == "klgate" else EntropyGate
+        tau = DEFAULT_GATE_THRESHOLDS[method] if threshold is None else threshold
+        return gate(tau, DEFAULT_GATE_LOW if low is None else low)
     raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -381,6 +468,10 @@ __all__ = [
     "Lenient",
     "SpeculativeCascade",
     "TypicalAcceptance",
+    "KLGate",
+    "EntropyGate",
+    "entropy",
+    "kl_divergence",
     "CASCADE_RULES",
     "METHODS",
     "emitted_distribution",
