@@ -698,6 +698,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.checkpoint_every < 1:
         raise UserInputError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     task, examples = load_training_examples(args.task, settings.prompts, args.data_dir)  # before the slow model load
+    if task.metric_name == "pass@1":
+        from .sandbox import require_isolation
+
+        require_isolation(args.unsafe_sandbox)  # rewards run model-written code
     pair = load_pair(args.target, args.draft, args.dtype, device=args.device)
     head = train_head(
         pair, examples, task.prompt, task_reward(task), settings, args.out,
@@ -721,6 +725,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--task", required=True, help="gsm8k, mbpp or xsum (any task with a train split)")
     tr.add_argument("--out", required=True, help="run folder: checkpoints, train_log.jsonl, and the head (out/head); a run there resumes")
     tr.add_argument("--data-dir", help="folder with the task's JSONL files (default: $DIVERSED_DATA_DIR)")
+    tr.add_argument("--unsafe-sandbox", action="store_true", help="run model-written code even where the sandbox cannot isolate it (docs/evaluation.md)")
     add_model_args(tr)
     group = tr.add_argument_group("training (see docs/training.md)")
     group.add_argument("--prompts", type=int, default=defaults.prompts, help="first N training examples (default %(default)s)")
