@@ -34,7 +34,7 @@ def sandbox_processes() -> list[str]:
             text = cmdline.read_bytes()
         except OSError:
             continue
-        if b"__diversed_sandbox__" in text and b"sandbox_processes" not in text:
+        if b"__diversed_sandbox_runner__" in text and b"sandbox_processes" not in text:
             found.append(cmdline.parent.name)
     return found
 

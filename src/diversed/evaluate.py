@@ -34,6 +34,8 @@ from .errors import UserInputError
 from .generation import MethodSpec, build_verifier, encode_prompt, generate
 from .metrics import Metrics, ideal_speedup
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair
+from .run_files import atomic_write_text, locked_folder
+from .sandbox import is_isolated, require_isolation, unisolated_allowed
 from .sampling import SamplingParams, logits_to_probs, total_variation
 from .tasks import TASKS, Example, Task, get_task
 
@@ -97,9 +99,9 @@ def check_settings(out_dir: Path, settings: EvalSettings) -> None:
     current = asdict(settings)
     if not path.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(current, indent=2) + "\n")
         return
-    stored = json.loads(path.read_text())
+    stored = read_settings(path)
     defaults = {f.name: f.default for f in fields(EvalSettings)}  # settings added later keep their default
     differing = [
         f"{key}: {stored.get(key, defaults[key])!r} there, {value!r} now"
@@ -113,6 +115,20 @@ def check_settings(out_dir: Path, settings: EvalSettings) -> None:
         )
 
 
+def read_settings(path: Path) -> dict[str, Any]:
+    """A run's settings.json, or a one-line error when it is cut off or not an object."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path} is unreadable ({exc}); restore it or choose another --out") from None
+    if not isinstance(stored, dict):
+        raise UserInputError(f"{path} is not a settings object; restore it or choose another --out")
+    return stored
+
+
+ROW_FIELDS = ("example_id", "method", "score", "metrics")
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
     """The rows written so far. A last line cut off by an interruption is dropped from the file."""
     if not path.is_file():
@@ -123,13 +139,21 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         with open(path, "r+b") as f:
             f.truncate(len(data))
     rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserInputError(f"line {number} of {path} is not UTF-8; remove it to resume") from None
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             print(f"warning: ignoring unreadable line {number} of {path}", file=sys.stderr)
+            continue
+        if not isinstance(row, dict) or any(key not in row for key in ROW_FIELDS):
+            raise UserInputError(f"line {number} of {path} is not an eval row (needs {', '.join(ROW_FIELDS)}); remove it to resume")
+        rows.append(row)
     return rows
 
 
@@ -170,14 +194,20 @@ def run_eval(
     """Run each method on each example (resuming from `out_dir`), then summarize and plot.
 
     Methods run example by example (all methods on example 1, then example 2, ...), so load on
-    a shared machine affects them alike. Returns the summary (also in summary.json).
+    a shared machine affects them alike. Returns the summary (also in summary.json). The folder
+    is locked for the run, so a second run there stops with an error instead of interleaving.
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     labels = [spec.label for spec in specs]
     if len(set(labels)) != len(labels):
         raise UserInputError(f"--methods names a method twice: {', '.join(labels)}")
+    with locked_folder(out_dir):
+        return _run_eval_locked(pair, task, examples, specs, settings, out_dir, labels, progress)
+
+
+def _run_eval_locked(pair, task, examples, specs, settings, out_dir: Path, labels: list[str], progress: bool | None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     check_settings(out_dir, settings)
     rows_path = out_dir / ROWS_FILE
     done = {(row["example_id"], row["method"]) for row in load_rows(rows_path)}
@@ -198,6 +228,8 @@ def run_eval(
     kept = [example for example, _ in prompts]
     summary = summarize(task, kept, labels, load_rows(rows_path), settings)
     summary["skipped_examples"] = skipped
+    if task.metric_name == "pass@1":
+        summary["sandbox"] = {"isolated": is_isolated(), "unsafe_sandbox_allowed": unisolated_allowed()}
     if pair.draft is not None and prompts and settings.draft_length != "auto":  # the ideal speedup is for a fixed N
         _add_efficiency(summary, measure_cost_ratio(pair, prompts[0][1]), settings.draft_length)
     write_summary(out_dir, summary)
@@ -546,6 +578,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .cli import NGRAM, config_from_args, pair_from_args
 
     task, examples = _load(args.task, args.split, args.n, args.data_dir)
+    if task.metric_name == "pass@1":
+        require_isolation(args.unsafe_sandbox)  # before anything runs model-written code
     specs = _parse_methods(args.methods)
     config = config_from_args(args)  # validates the sampling options before the models load
     target, draft = args.target or DEFAULT_TARGET.name, NGRAM if args.draft == NGRAM else args.draft or DEFAULT_DRAFT.name
@@ -609,6 +643,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--methods", default="ar,exact,static:0.9,static:0.7", help="comma-separated: ar, exact, static:W, diversed:HEAD, lenient:L, cascade:RULE:A, typical (default %(default)s)")
     add_model_args(ev)
     add_sampling_args(ev)
+    ev.add_argument("--unsafe-sandbox", action="store_true", help="run model-written code even where the sandbox cannot isolate it (docs/evaluation.md)")
     # A fixed N by default: rows of different methods then compare at the same draft length.
     ev.set_defaults(handler=cmd_eval, max_new_tokens=256, seed=0, draft_length=5)
 

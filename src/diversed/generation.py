@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from .chat_encoding import encode_chat
 from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
 from .engine import AUTO, GenerationConfig, decode
 from .errors import UserInputError
@@ -149,8 +150,7 @@ def encode_prompt(pair: ModelPair, prompt: str | list[dict[str, str]], raw: bool
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not getattr(tokenizer, "chat_template", None):
             raise UserInputError("this target has no chat template; pass the prompt as-is (--raw)")
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = encode_chat(tokenizer, messages)  # contents cannot produce special tokens
     if len(ids) >= pair.context_window:
         raise UserInputError(f"the prompt is {len(ids)} tokens; the target's context window is {pair.context_window}")
     return ids

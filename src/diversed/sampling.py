@@ -12,13 +12,20 @@ import torch
 
 from .errors import UserInputError
 
+# Temperatures below this are greedy decoding. Dividing logits by a smaller one overflows
+# float32 (1e-39 is itself below float32's normal range) and would turn probabilities into NaN;
+# at this temperature a logit gap of 0.01 already leaves the runner-up a weight of e^-100,
+# so greedy is what such a request means.
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How logits become the distribution tokens are drawn from.
 
-    `temperature == 0` is greedy decoding: distributions are then the plain softmax
-    (temperature 1, still top-k/top-p filtered) and every choice is an argmax.
+    `temperature == 0` (or any temperature below MIN_TEMPERATURE) is greedy decoding:
+    distributions are then the plain softmax (temperature 1, still top-k/top-p filtered) and
+    every choice is an argmax. A top_p too small for float32 keeps just the most likely token.
     """
 
     temperature: float = 1.0
@@ -35,7 +42,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -56,6 +63,7 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         # likely token is always kept.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False  # even when top_p rounds to 0 in float32 (1e-46)
         drop = drop_sorted.scatter(-1, sorted_index, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(dim=-1)

@@ -37,11 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .engine import GenerationConfig
 from .errors import DiversedError, UserInputError
+from . import server_limits
 from .generation import Generation, GenerationResult, MethodSpec, build_verifier, default_method, start_generation
-from .head import shipped_head_names
+from .head import HeadMismatchError, shipped_head_names
 from .metrics import Metrics
 from .models import ModelPair
 from .sampling import SamplingParams
+from .server_limits import MAX_PROMPT_BYTES, ClientAborted, check_prompt_size, finite, reject_knobs_without_method, require_json
 from .verifiers import METHODS
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ class ServerSettings:
     queue_size: int = 16  # requests that may wait while one generates
     request_timeout: float = 600.0  # seconds from arrival to the last token, queueing included
     model_name: str | None = None  # the id clients pass as `model`; default: the target's name
+    max_prompt_bytes: int = MAX_PROMPT_BYTES  # larger prompts get a 413 before tokenisation
+    body_timeout: float = server_limits.BODY_TIMEOUT_S  # seconds for the whole body to arrive (then 408)
 
     def __post_init__(self) -> None:
         checks = (
@@ -83,6 +87,8 @@ class ServerSettings:
             ),
             (self.queue_size >= 0, f"--queue-size must be >= 0, got {self.queue_size}"),
             (self.request_timeout > 0, f"--request-timeout must be > 0, got {self.request_timeout}"),
+            (self.max_prompt_bytes >= 1, f"--max-prompt-bytes must be >= 1, got {self.max_prompt_bytes}"),
+            (self.body_timeout > 0, f"--body-timeout must be > 0, got {self.body_timeout}"),
             (bool(self.allowed_methods), "--allowed-methods is empty"),
         )
         for ok, message in checks:
@@ -279,6 +285,7 @@ def resolve_spec(options: SpeculativeOptions | None, default: MethodSpec, settin
 
     if options is None:
         return default
+    reject_knobs_without_method(options)
     knobs = SimpleNamespace(method=options.method, weight=options.weight, head=options.head, lenience=options.lenience, rule=options.rule,
                             threshold=options.threshold, low_weight=options.low_weight)
     if knobs.method is not None and knobs.method not in METHODS:
@@ -525,7 +532,7 @@ def usage(prompt_tokens: int, metrics: Metrics) -> dict[str, Any]:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": metrics.new_tokens,
         "total_tokens": prompt_tokens + metrics.new_tokens,
-        **metrics.to_dict(),
+        **finite(metrics.to_dict()),
     }
 
 
@@ -635,11 +642,13 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
     model_name = settings.model_name or pair.target_name
     scheduler = Scheduler(settings.queue_size)
     telemetry = Telemetry(scheduler)
+    preparers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diversed-prepare")  # bounded: tokenising is CPU work
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         scheduler.shutdown()
+        preparers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="diversed", summary="OpenAI-compatible relaxed speculative decoding", lifespan=lifespan)
     app.add_middleware(_RequestMetricsMiddleware, telemetry=telemetry)
@@ -665,30 +674,37 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise ApiError(f"the request body exceeds {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise ApiError(f"the request body exceeds {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    @app.exception_handler(ClientAborted)
+    async def _client_aborted(request: Request, _: ClientAborted) -> Response:
+        log.info("client left while sending its body to %s", request.url.path)
+        return Response(status_code=499)  # counted once as 499; nobody reads it
 
-    def start_job(body: _GenerationBody, flavor: _Flavor) -> Job:
+    async def read_body(request: Request) -> bytes:
+        require_json(request)
+        return await server_limits.read_body(request, MAX_BODY_BYTES, settings.body_timeout)
+
+    def prepare(prompt: Any, spec: MethodSpec, config: GenerationConfig, raw: bool) -> Generation:
+        """Tokenisation, chat template and head loading: run on a preparation thread, off the loop."""
+        try:
+            verifier = verifier_for(spec)
+        except HeadMismatchError:
+            # The message would show the server's files: name the field instead.
+            raise ApiError(f"speculative.head {spec.head!r} was trained for another model pair", param="speculative.head") from None
+        return start_generation(pair, prompt, spec, config, raw=raw, verifier=verifier)
+
+    async def start_job(body: _GenerationBody, flavor: _Flavor) -> Job:
         if body.model is not None and body.model != model_name:
             raise ApiError(f"the model {body.model!r} does not exist; this server serves {model_name!r}", status=404, param="model", code="model_not_found")
         prompt, raw = flavor.prompt(body)
+        check_prompt_size(prompt, settings.max_prompt_bytes)
         spec = resolve_spec(body.speculative, default_spec, settings)
         config = request_config(body, settings)
-        generation = start_generation(pair, prompt, spec, config, raw=raw, verifier=verifier_for(spec))
+        generation = await asyncio.get_running_loop().run_in_executor(preparers, prepare, prompt, spec, config, raw)
         return Job(scheduler, generation, settings.request_timeout, lambda job: telemetry.record_job(job, spec.method))
 
     async def serve(request: Request, flavor: _Flavor) -> Response:
         body = parse_body(await read_body(request), flavor.body)
-        job = start_job(body, flavor)
+        job = await start_job(body, flavor)
         header = {"id": f"{flavor.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         handed_off = False  # once streaming, stream_events owns the job
         try:
@@ -790,6 +806,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--allowed-methods", type=_method_list, default=METHODS, help=f"comma-separated (default: all of {','.join(METHODS)})")
     group.add_argument("--queue-size", type=int, default=ServerSettings.queue_size, help="requests that may wait for the model; more get 429")
     group.add_argument("--request-timeout", type=float, default=ServerSettings.request_timeout, help="seconds per request, queueing included")
+    group.add_argument("--max-prompt-bytes", type=int, default=ServerSettings.max_prompt_bytes, help="larger prompts get a 413 before tokenising (default 1 MiB)")
+    group.add_argument("--max-connections", type=int, default=server_limits.MAX_CONNECTIONS, help="open connections; beyond that uvicorn answers 503")
+    group.add_argument("--header-timeout", type=float, default=server_limits.HEADER_TIMEOUT_S, help="seconds for a request's headers to arrive")
+    group.add_argument("--body-timeout", type=float, default=server_limits.BODY_TIMEOUT_S, help="seconds for a request's body to arrive (then 408)")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(handler=cmd_serve)
 
@@ -807,6 +827,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_methods=args.allowed_methods,
         queue_size=args.queue_size,
         request_timeout=args.request_timeout,
+        max_prompt_bytes=args.max_prompt_bytes,
+        body_timeout=args.body_timeout,
     )
 
 
@@ -823,7 +845,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"default method {app.state.default_spec.label}, backend {pair.backend} ({pair.backend_reason})",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5, **server_limits.uvicorn_limits(args.max_connections, args.header_timeout))
     return 0
 
 

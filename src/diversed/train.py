@@ -701,6 +701,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.backend == "llama.cpp" or args.draft == "ngram":
         raise UserInputError("training needs the torch backend and a draft model (batched rollouts over both models' KV caches); "
                              "use --backend torch (or auto) and a draft model")
+    if task.metric_name == "pass@1":
+        from .sandbox import require_isolation
+
+        require_isolation(args.unsafe_sandbox)  # rewards run model-written code
     pair = load_pair(args.target, args.draft, args.dtype, device=args.device, backend="torch")
     head = train_head(
         pair, examples, task.prompt, task_reward(task), settings, args.out,
@@ -724,6 +728,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--task", required=True, help="gsm8k, mbpp or xsum (any task with a train split)")
     tr.add_argument("--out", required=True, help="run folder: checkpoints, train_log.jsonl, and the head (out/head); a run there resumes")
     tr.add_argument("--data-dir", help="folder with the task's JSONL files (default: $DIVERSED_DATA_DIR)")
+    tr.add_argument("--unsafe-sandbox", action="store_true", help="run model-written code even where the sandbox cannot isolate it (docs/evaluation.md)")
     add_model_args(tr)
     group = tr.add_argument_group("training (see docs/training.md)")
     group.add_argument("--prompts", type=int, default=defaults.prompts, help="first N training examples (default %(default)s)")

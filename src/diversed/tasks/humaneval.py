@@ -51,4 +51,4 @@ class HumanEval(Task):
             program = f"{fields['prompt']}    pass\n\n{code}"
         else:
             program = fields["prompt"] + code  # a function body (plain completion)
-        return passes(f"{program}\n\n{fields['test']}\n\ncheck({entry_point})\n")
+        return passes(program, [fields["test"], f"check({entry_point})"])

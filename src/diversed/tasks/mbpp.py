@@ -43,7 +43,9 @@ class MBPP(Task):
 
     def score(self, example: Example, completion: str) -> float:
         fields = example.fields
-        # The setup code comes after the solution: where MBPP has any, it builds objects of
-        # classes the solution defines (task 367's tree of `Node`s).
-        program = "\n".join([extract_code(completion), "", fields.get("test_setup_code") or "", *fields["test_list"], ""])
-        return passes(program)
+        # Each assert runs as a test of its own after the solution, so the harness knows they all
+        # ran. The setup code goes first: where MBPP has any, it builds objects of classes the
+        # solution defines (task 367's tree of `Node`s).
+        setup = fields.get("test_setup_code") or ""
+        tests = ([setup] if setup.strip() else []) + list(fields["test_list"])
+        return passes(extract_code(completion), tests)

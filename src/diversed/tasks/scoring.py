@@ -7,10 +7,13 @@ computes a metric the same way.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from typing import Sequence
 
-from ..sandbox import Limits, run_python
+from ..sandbox import Limits, SandboxUnavailable, run_python
+
+log = logging.getLogger("diversed.tasks")
 
 CODE_LIMITS = Limits(seconds=10.0)
 
@@ -29,9 +32,20 @@ def extract_code(completion: str) -> str:
     return blocks[0][1] if blocks else completion
 
 
-def passes(program: str, limits: Limits = CODE_LIMITS) -> float:
-    """1.0 if the program (solution + asserts) exits cleanly in the sandbox, else 0.0."""
-    return 1.0 if run_python(program, limits).passed else 0.0
+def passes(program: str, tests: Sequence[str] = (), limits: Limits = CODE_LIMITS) -> float:
+    """1.0 if the sandbox's harness reports that the program and then every test ran to the end.
+
+    Never raises for anything the code does: a failure to score is a score of 0.0 (logged with its
+    reason). Only a host that cannot isolate code, without --unsafe-sandbox, raises.
+    """
+    try:
+        result = run_python(program, limits, tests)
+    except SandboxUnavailable:
+        raise
+    except Exception as exc:  # the sandbox's own failure: scored as a failure, never a crash
+        log.warning("could not score a program: %s: %s", type(exc).__name__, exc)
+        return 0.0
+    return 1.0 if result.passed else 0.0
 
 
 @functools.cache
