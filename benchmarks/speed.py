@@ -156,6 +156,7 @@ def run_hf(pair, prompt_ids: list[int], method: str, args) -> dict:
 
 def run_llamacpp(llm, prompt_ids: list[int], args) -> dict:
     """llama-cpp-python's own generation loop (its C sampler), same length and sampling as ours."""
+    llm.reset()  # no prompt-prefix reuse from the previous call: every method prefills its prompt
     started = time.perf_counter()
     tokens = 0
     # top_k 0, top_p 1 and min_p 0 switch its default filters off: plain temperature sampling, as ours.
@@ -299,7 +300,11 @@ def main() -> int:
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4, "draft_length": parse_draft_length(args.draft_length)})
     for label in labels:
         run(label, prompts[0], warm)
-    costs = {backend: step_costs(pair, args.max_draft_length) for backend, pair in pairs.items() if pair.draft is not None}
+    measured: dict[str, tuple[float, list[float]]] = {}  # one measurement per resolved backend
+    for pair in pairs.values():
+        if pair.draft is not None and pair.backend not in measured:
+            measured[pair.backend] = step_costs(pair, args.max_draft_length)
+    costs = {label: measured[pair.backend] for label, pair in pairs.items() if pair.backend in measured}
 
     args.draft_length = parse_draft_length(args.draft_length)
     runs: dict[str, list[dict]] = {label: [] for label in labels}
@@ -330,8 +335,8 @@ def main() -> int:
         rows.append(summarize(label, runs[label], baselines, hf_n, fixed_n, pair_costs))
     print(f"\n{machine_summary()}; torch {torch.__version__} ({torch.get_num_threads()} threads), {args.dtype} for torch; "
           f"{len(prompts)} prompts x {args.max_new_tokens} tokens, T={args.temperature}")
-    for backend, (c, v) in costs.items():
-        print(f"{pairs[backend].backend}: c = {c:.3f}, v(1..{len(v)}) = {', '.join(f'{x:.2f}' for x in v)}")
+    for backend, (c, v) in measured.items():
+        print(f"{backend}: c = {c:.3f}, v(1..{len(v)}) = {', '.join(f'{x:.2f}' for x in v)}")
     print("| method | tok/s | vs ar | vs llamacpp:ar | vs hf:ar | acceptance | mean accepted length | drafted per round "
           "| N=0 rounds | efficiency | draft / target / other |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -346,7 +351,7 @@ def main() -> int:
             f"| {fmt(row['ar_rounds'], 'd')} | {fmt(row.get('efficiency'), '.2f')} | {split_text} |"
         )
     if args.json:
-        payload = {"machine": machine_summary(), "costs": {pairs[b].backend: {"c": c, "v": v} for b, (c, v) in costs.items()},
+        payload = {"machine": machine_summary(), "costs": {b: {"c": c, "v": v} for b, (c, v) in measured.items()},
                    "args": {k: str(val) for k, val in vars(args).items()}, "rows": rows}
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

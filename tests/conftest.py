@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from diversed.models import load_pair
-from diversed.testing import build_tiny_model
+from diversed.testing import build_tiny_gguf, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -18,6 +19,28 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def tiny_model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     return build_tiny_model(root / "tiny-target", seed=1, sharpness=10.0), build_tiny_model(root / "tiny-draft", seed=1, sharpness=10.0, perturb=1.0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory):
+    """Step costs measured by tests (tiny models) go to a file of the session's own, never the
+    user's cache; server processes started by tests inherit it."""
+    os.environ["DIVERSED_CALIBRATION"] = str(tmp_path_factory.mktemp("calibration") / "calibration.json")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_paths(tiny_model_dirs, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny pair written as f32 GGUF files (each beside its tokenizer) for the llama.cpp backend."""
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    (root / "t").mkdir()
+    (root / "d").mkdir()
+    return build_tiny_gguf(tiny_model_dirs[0], root / "t" / "tiny-target.gguf"), build_tiny_gguf(tiny_model_dirs[1], root / "d" / "tiny-draft.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_pair(tiny_gguf_paths):
+    return load_pair(str(tiny_gguf_paths[0]), str(tiny_gguf_paths[1]), backend="llama.cpp")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ from scipy.stats import chisquare
 
 from diversed.engine import speculative_round
 from diversed.proposers import ModelProposer
-from diversed.runners.hf import TorchRunner
 from diversed.head import EnsembleHead, HeadConfig
 from diversed.metrics import Metrics
 from diversed.models import load_pair
@@ -73,8 +72,8 @@ class WrongResidual(Exact):
 def next_token_state(pair, tokens: list[int]):
     """(p, q, draft hidden, target hidden) after `tokens`, from fresh (uncached) forwards."""
     with torch.inference_mode():
-        t_logits, t_hidden = TorchRunner(pair.target, pair.vocab_size).feed(tokens, 1)
-        d_logits, d_hidden = TorchRunner(pair.draft, pair.vocab_size).feed(tokens, 1)
+        t_logits, t_hidden = pair.runner("target").feed(tokens, 1)
+        d_logits, d_hidden = pair.runner("draft").feed(tokens, 1)
     return logits_to_probs(t_logits, PARAMS).double(), logits_to_probs(d_logits, PARAMS).double(), d_hidden, t_hidden
 
 
@@ -111,8 +110,8 @@ def theory(pair, verifier: Verifier, confidence: float = 0.0):
 
 def simulate(pair, verifier: Verifier, rounds: int, seed: int = 0, confidence: float = 0.0):
     generator = torch.Generator(device=pair.device).manual_seed(seed)
-    target = TorchRunner(pair.target, pair.vocab_size)
-    draft = TorchRunner(pair.draft, pair.vocab_size)
+    target = pair.runner("target")
+    draft = pair.runner("draft")
     metrics = Metrics()
     outcomes: dict[tuple, int] = {}
     k_counts = [0, 0, 0]

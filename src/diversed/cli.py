@@ -34,6 +34,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 NGRAM = "ngram"
 
 
+def resolve_backend(args: argparse.Namespace) -> str:
+    """Settle `--backend auto` before any run starts, for commands that record the backend as a
+    setting of their output (a resumed run must use the same kernels)."""
+    if args.backend == "auto":
+        from .calibration import choose_backend
+        from .models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+        draft = None if args.draft == NGRAM else args.draft or DEFAULT_DRAFT.name
+        args.backend, _ = choose_backend(args.target or DEFAULT_TARGET.name, draft, args.dtype, args.device)
+    return args.backend
+
+
 def pair_from_args(args: argparse.Namespace, needs_draft: bool = True):
     """Load the pair the model flags name (no draft model for `--draft ngram`)."""
     with_draft = needs_draft and args.draft != NGRAM

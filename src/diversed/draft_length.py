@@ -59,7 +59,7 @@ class StepCosts:
 class AdaptiveDraftLength:
     """The cost-aware rule above, with per-position acceptance estimated from past rounds.
 
-    Estimates are Beta-smoothed counts with exponential forgetting (recent rounds weigh more),
+    Estimates are smoothed counts with exponential forgetting (recent rounds weigh more),
     starting from `prior_acceptance`. When the chosen N is 0 no acceptance is observed, so a
     one-token probe round is forced after `probe_every` target-only steps, an interval that
     doubles after each probe that still does not pay: the probing cost vanishes on a machine
@@ -79,14 +79,22 @@ class AdaptiveDraftLength:
 
     def __post_init__(self) -> None:
         self.max_draft_length = min(self.max_draft_length, self.costs.max_draft_length)
+        # Where even a draft that is always accepted loses to a target step, never draft (nor probe).
+        if all((n + 1) / self.costs.round_cost(n) <= 1 / self.costs.round_cost(0) for n in range(1, self.max_draft_length + 1)):
+            self.max_draft_length = 0
         self._trials = [0.0] * self.max_draft_length
         self._accepts = [0.0] * self.max_draft_length
         self._probe_interval = self.probe_every
 
     def acceptance_estimates(self) -> list[float]:
-        """a_j for j = 1..N_max."""
-        prior_accepts = self.prior_acceptance * self.prior_weight
-        return [(s + prior_accepts) / (t + self.prior_weight) for s, t in zip(self._accepts, self._trials)]
+        """a_j for j = 1..N_max: each position's counts, shrunk toward the estimate of the
+        position before it (toward `prior_acceptance` for the first), so a position that has
+        rarely been drafted borrows from its neighbour rather than from a fixed guess."""
+        estimates, prior = [], self.prior_acceptance
+        for accepts, trials in zip(self._accepts, self._trials):
+            prior = (accepts + prior * self.prior_weight) / (trials + self.prior_weight)
+            estimates.append(prior)
+        return estimates
 
     def best_length(self, limit: int) -> int:
         """argmax_N E[tokens | N] / cost(N) over N in {0, ..., limit}."""

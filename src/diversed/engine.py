@@ -232,9 +232,13 @@ def decode(
     committed = list(prompt_ids)
     # Prefill everything but the pending last prompt token; no logits are needed yet.
     if len(committed) > 1:
+        prefill_started = time.perf_counter()
         target.feed(committed[:-1], 0)
+        clock.target += time.perf_counter() - prefill_started
         if verifier is not None:
+            prefill_started = time.perf_counter()
             proposer.prefill(committed[:-1])
+            clock.draft += time.perf_counter() - prefill_started
     produced = 0
     active = verifier
     try:

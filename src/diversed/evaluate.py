@@ -574,8 +574,7 @@ def _load(task_name: str, split: str, n: int | None, data_dir: str | None) -> tu
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .calibration import choose_backend
-    from .cli import NGRAM, config_from_args, pair_from_args
+    from .cli import NGRAM, config_from_args, pair_from_args, resolve_backend
 
     task, examples = _load(args.task, args.split, args.n, args.data_dir)
     if task.metric_name == "pass@1":
@@ -583,13 +582,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = _parse_methods(args.methods)
     config = config_from_args(args)  # validates the sampling options before the models load
     target, draft = args.target or DEFAULT_TARGET.name, NGRAM if args.draft == NGRAM else args.draft or DEFAULT_DRAFT.name
-    if args.backend == "auto":  # resolved first: the backend is a setting (weights and kernels differ)
-        args.backend, _ = choose_backend(target, None if draft == NGRAM else draft, args.dtype, args.device)
     settings = EvalSettings(
         task=task.name, split=args.split, target=target, draft=draft,
         dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         draft_length=config.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
-        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=args.backend, proposer=config.proposer,
+        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=resolve_backend(args), proposer=config.proposer,
     )
     out_dir = Path(args.out)
     check_settings(out_dir, settings)  # fail before the (slow) model load

@@ -104,6 +104,7 @@ class MineSettings:
     raw: bool = False
     save_hidden: bool = False
     prompt_version: int = 1
+    backend: str = "torch"  # the kernels (and, for the embedded pair, the weights' precision) differ
 
     @property
     def sampling(self) -> SamplingParams:
@@ -456,7 +457,7 @@ def load_positions(out_dir: str | Path) -> dict[str, Any]:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from .models import load_pair
+    from .cli import pair_from_args, resolve_backend
 
     if args.max_counterfactuals < 0:
         raise UserInputError(f"--max-counterfactuals must be >= 0, got {args.max_counterfactuals}")
@@ -471,12 +472,12 @@ def cmd_mine(args: argparse.Namespace) -> int:
         dtype=args.dtype, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         max_counterfactuals=args.max_counterfactuals, seed=args.seed, max_likelihood_labels=args.max_likelihood_labels,
         control=args.control, raw=args.raw, save_hidden=args.save_hidden,
-        prompt_version=task.prompt_version,
+        prompt_version=task.prompt_version, backend=resolve_backend(args),
     )
     settings.sampling  # validates the temperature before the (slow) model load
     out_dir = Path(args.out)
     check_settings(out_dir, settings)
-    pair = load_pair(args.target, args.draft, args.dtype, device=args.device)
+    pair = pair_from_args(args)
     cost = run_mining(pair, task, examples, settings, out_dir)
     print(json.dumps(cost, indent=2))
     print(f"records and cost in {out_dir}/", file=sys.stderr)

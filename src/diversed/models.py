@@ -189,7 +189,7 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu"):
     else:
         location, name = spec, Path(spec).name if Path(spec).is_dir() else spec
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        tokenizer = load_gguf_tokenizer(Path(spec)) if spec.endswith(".gguf") else AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec!r}: {_first_line(exc)}") from None

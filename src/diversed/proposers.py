@@ -64,7 +64,7 @@ class ModelProposer:
         self.has_hidden_states = runner.has_hidden_states
 
     def prefill(self, tokens: Sequence[int]) -> None:
-        self.runner.feed(tokens, 0)
+        pass  # lazy: the first `propose` feeds the whole context, so rounds of N = 0 never pay for it
 
     def propose(self, committed, n, params, generator):
         drafted, qs, hiddens = [], [], []

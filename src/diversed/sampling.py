@@ -72,12 +72,17 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row. probs: [..., V] -> token ids [...].
 
-    argmax(probs / E) with E ~ Exp(1) i.i.d. is an exact sample from probs (the exponential
-    race, equivalent to Gumbel-max) and takes a third of torch.multinomial's time on a
-    150k vocabulary.
+    Inverse-CDF sampling: the first token whose cumulative mass exceeds u ~ U(0, total). It
+    draws one uniform per row instead of one per vocabulary entry (the exponential race and
+    torch.multinomial both do), which on a CPU with a large vocabulary is many times
+    faster; the cumulative sum runs in float64 so rounding cannot shift mass between
+    neighbours, and a token of probability 0 is never chosen (its cumulative mass equals its
+    predecessor's, and `right=True` skips it).
     """
-    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)  # [..., V]
-    return (probs / race).argmax(dim=-1)
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # [..., V]
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=torch.float64, device=probs.device)  # [..., 1]
+    token = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)  # [..., 1]
+    return token.clamp_max(probs.shape[-1] - 1).squeeze(-1)
 
 
 def choose(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

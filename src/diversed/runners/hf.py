@@ -29,7 +29,15 @@ class TorchRunner:
     def feed(self, tokens: Sequence[int] | torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> logits [num_logits, V] (float32), hidden [num_logits, H]."""
         ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(1, -1)  # [1, T]
+        before = self.length
         hidden = self.body(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[0]  # [T, H]
+        if self.length != before + ids.shape[1]:
+            # A transformers version that does not take `cache=` drops it silently and every
+            # step then runs without its context: refuse rather than decode wrongly.
+            from ..errors import ModelLoadError
+            from transformers import __version__
+
+            raise ModelLoadError(f"transformers {__version__} did not use the KV cache; diversed needs the pinned transformers (pyproject.toml)")
         if num_logits == 0:
             return hidden.new_zeros(0, self.vocab_size).float(), hidden[:0]
         last = hidden[-num_logits:]  # [num_logits, H]
