@@ -129,8 +129,11 @@ def read_settings(path: Path) -> dict[str, Any]:
 ROW_FIELDS = ("example_id", "method", "score", "metrics")
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows written so far. A last line cut off by an interruption is dropped from the file."""
+def load_rows(path: Path, required: tuple[str, ...] = ROW_FIELDS, kind: str = "an eval row") -> list[dict[str, Any]]:
+    """The rows written so far; a row lacking a `required` key is an error (it is not `kind`).
+
+    A last line cut off by an interruption is dropped from the file.
+    """
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -151,8 +154,8 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             print(f"warning: ignoring unreadable line {number} of {path}", file=sys.stderr)
             continue
-        if not isinstance(row, dict) or any(key not in row for key in ROW_FIELDS):
-            raise UserInputError(f"line {number} of {path} is not an eval row (needs {', '.join(ROW_FIELDS)}); remove it to resume")
+        if not isinstance(row, dict) or any(key not in row for key in required):
+            raise UserInputError(f"line {number} of {path} is not {kind} (needs {', '.join(required)}); remove it to resume")
         rows.append(row)
     return rows
 

@@ -48,6 +48,7 @@ from .tasks import TASKS, Example, Task, get_task
 from .verifiers import entropy, kl_divergence
 
 RECORDS_FILE = "records.jsonl"
+RECORD_FIELDS = ("id",)  # a record is one problem's, not an eval row
 SETTINGS_FILE = "settings.json"
 COST_FILE = "cost.json"
 
@@ -380,7 +381,7 @@ def run_mining(pair: ModelPair, task: Task, examples: Sequence[Example], setting
     out_dir = Path(out_dir)
     check_settings(out_dir, settings)
     records_path = out_dir / RECORDS_FILE
-    done = {row["id"] for row in load_rows(records_path)}  # also drops a line cut off by a crash
+    done = {row["id"] for row in load_rows(records_path, RECORD_FIELDS, "a mining record")}  # also drops a line cut off by a crash
     prompts, skipped = encodable_examples(pair, task, examples, settings.raw, room=2)
     if skipped:
         print(f"note: skipping {len(skipped)} problem(s) whose prompt does not fit the context window", file=sys.stderr)
@@ -419,7 +420,7 @@ def load_positions(out_dir: str | Path) -> dict[str, Any]:
                                                       "draft_projection", "mismatch", "ll_delta", "ll_delta_window", "cf_flip",
                                                       "cf_flip_vs_control")}
     problem_ids = []
-    for row in load_rows(path):
+    for row in load_rows(path, RECORD_FIELDS, "a mining record"):
         count = row.get("positions", 0)
         if not count:
             continue
