@@ -1,4 +1,4 @@
-"""Evaluation harness: quality vs speed of decoding methods on the paper's tasks (SPEC §6, §7).
+"""Evaluation harness: quality vs speed of decoding methods on the paper's tasks (docs/method.md §6, §7).
 
 Library entry points (the CLI wraps them thinly):
 
@@ -8,7 +8,7 @@ Library entry points (the CLI wraps them thinly):
   `summary.json`, `summary.md` and `pareto.png`.
 - `theoretical_front(pair, task, examples, params, weights)` teacher-forces each example's
   reference continuation through both models and returns the exact rejection/bias front of
-  the static ensemble: rejection w·TV and bias (1−w)·TV per position (SPEC §3).
+  the static ensemble: rejection w·TV and bias (1−w)·TV per position (docs/method.md §3).
 
 Commands: `diversed eval` and `diversed pareto` (see docs/evaluation.md).
 """
@@ -263,7 +263,7 @@ def _evaluate_one(pair: ModelPair, task: Task, example: Example, prompt_ids: lis
 
 @torch.inference_mode()
 def measure_cost_ratio(pair: ModelPair, prompt_ids: list[int], steps: int = 16) -> float:
-    """c = time of one draft step / one target step (single-token, KV-cached), for SPEC §6's ideal speedup.
+    """c = time of one draft step / one target step (single-token, KV-cached), for docs/method.md §6's ideal speedup.
 
     The two models' steps alternate and the medians are compared, so a burst of load on a
     shared machine does not land on one model only.
@@ -306,7 +306,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000)
 
 
 def summarize(task: Task, examples: Sequence[Example], labels: Sequence[str], rows: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
-    """Per-method quality (with 95% CI), pooled SPEC §6 metrics and speedup vs `ar`."""
+    """Per-method quality (with 95% CI), pooled docs/method.md §6 metrics and speedup vs `ar`."""
     by_key = {(row["example_id"], row["method"]): row for row in rows}
     ar_seconds = {example.id: by_key[(example.id, "ar")]["metrics"]["seconds"] for example in examples if (example.id, "ar") in by_key}
     methods = []
@@ -343,7 +343,7 @@ def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], 
         "seconds_per_example": pooled.seconds / n if n else None,
         "new_tokens_per_example": pooled.new_tokens / n if n else None,
         "speedup": sum(a for _, a in common) / method_seconds if common and method_seconds > 0 else None,
-        "estimated_bias": pooled.estimated_bias / n if n else None,  # per sequence (SPEC §6)
+        "estimated_bias": pooled.estimated_bias / n if n else None,  # per sequence (docs/method.md §6)
         "rejection_per_position": rejections / verified if verified else None,
         "bias_per_position": pooled.estimated_bias / verified if verified else None,
         "metrics": pooled.to_dict(),
@@ -351,7 +351,7 @@ def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], 
 
 
 def _add_efficiency(summary: dict[str, Any], cost_ratio: float, draft_length: int) -> None:
-    """Ideal speedup for each method's per-position acceptance, and measured / ideal (SPEC §6)."""
+    """Ideal speedup for each method's per-position acceptance, and measured / ideal (docs/method.md §6)."""
     summary["cost_ratio"] = cost_ratio
     for method in summary["methods"]:
         rejection = method["rejection_per_position"]
@@ -370,7 +370,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table."""
     head = (
         f"# {summary['task']} ({summary['split']}, {summary['n_examples']} examples)\n\n"
-        f"quality = mean {summary['metric']} with a 95% bootstrap interval; bias = estimated bias (SPEC §6).\n\n"
+        f"quality = mean {summary['metric']} with a 95% bootstrap interval; bias = estimated bias (docs/method.md §6).\n\n"
         "| method | n | quality | 95% CI | acceptance | mean accepted length | tokens/s | s/example | speedup vs ar | ideal speedup | bias/sequence | bias/position |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -484,7 +484,7 @@ def theoretical_front(
     """Exact rejection/bias front of the static ensemble on the examples' reference continuations.
 
     Per position, the ensemble with weight w rejects with probability w·TV(p, q) and has bias
-    (1−w)·TV(p, q) (SPEC §3); the front reports their means over all positions.
+    (1−w)·TV(p, q) (docs/method.md §3); the front reports their means over all positions.
     """
     if pair.draft is None:
         raise UserInputError("the pareto command needs a draft model")

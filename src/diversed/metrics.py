@@ -1,4 +1,4 @@
-"""The one metrics type (SPEC §6), used by the library, the CLI, the evaluator and the server."""
+"""The one metrics type (docs/method.md §6), used by the library, the CLI, the evaluator and the server."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class Metrics:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Every SPEC §6 name, counts and derived rates together (JSON-ready)."""
+        """Every docs/method.md §6 name, counts and derived rates together (JSON-ready)."""
         out = asdict(self)
         out["acceptance_rate"] = self.acceptance_rate
         out["mean_accepted_length"] = self.mean_accepted_length
@@ -95,7 +95,7 @@ class Metrics:
 
 
 def ideal_speedup(acceptance: float, draft_length: int, cost_ratio: float) -> float:
-    """SPEC §6: (1 - a^(N+1)) / ((1 - a)(N c + 1)), the expected speedup for i.i.d. acceptance a."""
+    """docs/method.md §6: (1 - a^(N+1)) / ((1 - a)(N c + 1)), the expected speedup for i.i.d. acceptance a."""
     if acceptance >= 1:
         expected_tokens = draft_length + 1.0
     else:

@@ -1,7 +1,7 @@
 """Logits -> processed probabilities, and sampling from them.
 
 Both models' logits go through the same `logits_to_probs` with the same `SamplingParams`,
-so `q` is exactly the distribution the drafted token was sampled from (SPEC §1 contract).
+so `q` is exactly the distribution the drafted token was sampled from (docs/method.md §1 contract).
 """
 
 from __future__ import annotations

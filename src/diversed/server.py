@@ -6,7 +6,7 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events), GET /v1/models, /health, /metrics (Prometheus). Requests choose their
 verification method through the extension field `speculative` (see docs/server.md); the
-response `usage` carries the SPEC §6 metrics next to the OpenAI token counts.
+response `usage` carries the docs/method.md §6 metrics next to the OpenAI token counts.
 
 Concurrency model: one model instance, one generation at a time on a single worker thread
 (the event loop never runs the model), at most `queue_size` requests waiting behind it (more
@@ -527,7 +527,7 @@ CHAT = _Flavor("chatcmpl", "chat.completion", "chat.completion.chunk", ChatBody,
 
 
 def usage(prompt_tokens: int, metrics: Metrics) -> dict[str, Any]:
-    """OpenAI token counts plus every SPEC §6 metric of the generation."""
+    """OpenAI token counts plus every docs/method.md §6 metric of the generation."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": metrics.new_tokens,
@@ -566,9 +566,9 @@ class Telemetry:
         )
         self.prompt_tokens = Counter("diversed_prompt_tokens", "Prompt tokens of started generations", by_method, registry=registry)
         self.generated = Counter("diversed_generated_tokens", "Tokens generated", by_method, registry=registry)
-        self.drafted = Counter("diversed_drafted_tokens", "Draft tokens proposed (SPEC §6 drafted)", by_method, registry=registry)
-        self.accepted = Counter("diversed_accepted_tokens", "Draft tokens accepted (SPEC §6 accepted)", by_method, registry=registry)
-        self.rounds = Counter("diversed_rounds", "Target verification rounds (SPEC §6 rounds)", by_method, registry=registry)
+        self.drafted = Counter("diversed_drafted_tokens", "Draft tokens proposed (docs/method.md §6 drafted)", by_method, registry=registry)
+        self.accepted = Counter("diversed_accepted_tokens", "Draft tokens accepted (docs/method.md §6 accepted)", by_method, registry=registry)
+        self.rounds = Counter("diversed_rounds", "Target verification rounds (docs/method.md §6 rounds)", by_method, registry=registry)
         in_flight = Gauge("diversed_requests_in_flight", "Generations running or waiting for the model", registry=registry)
         in_flight.set_function(lambda: scheduler.in_flight)
 

@@ -1,4 +1,4 @@
-"""Training the DIVERSED ensemble head with sequence-level RL (SPEC §5).
+"""Training the DIVERSED ensemble head with sequence-level RL (docs/method.md §5).
 
 Both language models are frozen; only the `EnsembleHead` learns. One step:
 
@@ -77,7 +77,7 @@ class TrainSettings:
     top_k: int = 0
     top_p: float = 1.0
     lam: float = 0.1  # weight of the acceptance term S (per token, reward in [0, 1]; see docs)
-    # Not SPEC §5's 'about 5e-4': the head reads raw hidden states (sum of |h| about 7,300 per
+    # Not docs/method.md §5's 'about 5e-4': the head reads raw hidden states (sum of |h| about 7,300 per
     # position for the default pair), so Adam's first ~lr-sized steps move w's logit by up to
     # 2 * lr * 7300: 7 at 5e-4 (w saturates in one step), 0.15 at 1e-5 (docs/training.md).
     lr: float = 1e-5
@@ -287,7 +287,7 @@ def completion_text(pair: ModelPair, rollout_: Rollout) -> str:
 
 @dataclass
 class RewardBaseline:
-    """The REINFORCE baseline (SPEC §5).
+    """The REINFORCE baseline (docs/method.md §5).
 
     - "running": an exponential moving average of past batch-mean rewards, updated *after*
       each step, so a batch's baseline never depends on its own rewards; the first batch
@@ -328,7 +328,7 @@ class LossTerms:
 def policy_loss(
     head: EnsembleHead, rollouts: Sequence[Rollout], advantages: torch.Tensor, lam: float, normaliser: float
 ) -> LossTerms:
-    """SPEC §5 on a batch of rollouts, recomputed with gradients through the head alone.
+    """docs/method.md §5 on a batch of rollouts, recomputed with gradients through the head alone.
 
     advantages: [B] (R_b - baseline_b). `normaliser` (max_new_tokens) is a constant, so it rescales
     both terms alike and leaves their balance (lam) unchanged.
@@ -558,7 +558,7 @@ def train_step(
         "mean_w": float(weights.mean()),
         "acceptance_proxy": float((1 - weights * tv).mean()),  # mean_t 1 - w_t TV_t
         "mean_tv": float(tv.mean()),
-        "estimated_bias": float(((1 - weights) * tv).sum() / len(rollouts)),  # per sequence (SPEC §6)
+        "estimated_bias": float(((1 - weights) * tv).sum() / len(rollouts)),  # per sequence (docs/method.md §6)
         "tokens": tokens,
         "ended_with_eos": sum(r.ended for r in rollouts),
         "grad_norm": float(grad_norm),
@@ -724,7 +724,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     from .cli import add_model_args
 
     defaults = TrainSettings()
-    tr = subparsers.add_parser("train", help="train an ensemble head for a task (sequence-level RL, SPEC §5)")
+    tr = subparsers.add_parser("train", help="train an ensemble head for a task (sequence-level RL, docs/method.md §5)")
     tr.add_argument("--task", required=True, help="gsm8k, mbpp or xsum (any task with a train split)")
     tr.add_argument("--out", required=True, help="run folder: checkpoints, train_log.jsonl, and the head (out/head); a run there resumes")
     tr.add_argument("--data-dir", help="folder with the task's JSONL files (default: $DIVERSED_DATA_DIR)")

@@ -9,7 +9,7 @@ Vocabulary (as in vLLM's rejection sampler):
   (the engine draws it; no verifier is involved).
 
 Every verifier is three pure functions of the target distribution `p`, the draft
-distribution `q` (both [N, V], the processed distributions of SPEC §1) and a context
+distribution `q` (both [N, V], the processed distributions of docs/method.md §1) and a context
 (per-position data such as the dynamic ensemble weights):
 
 - `acceptance(p, q, ctx) -> [N, V]`: P(accept | token v was drafted at position i), for every v.
@@ -22,7 +22,7 @@ Position i then emits token v with probability
 `q(v) * acceptance(v) + (1 - sum_u q(u) acceptance(u)) * residual(v)` (`induced_distribution`).
 Adding a method is adding one class here (and its tests); the engine loop does not change.
 
-Weight convention (SPEC §3): `w` is the weight on the **target**. w = 1 is lossless.
+Weight convention (docs/method.md §3): `w` is the weight on the **target**. w = 1 is lossless.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _residual_or_fallback(mass: torch.Tensor, fallback: torch.Tensor) -> torch.T
 
 
 class MixtureVerifier(Verifier):
-    """Lossless verification against a per-position target distribution `v` (SPEC §3).
+    """Lossless verification against a per-position target distribution `v` (docs/method.md §3).
 
     Emits exactly `v`: accept with min(1, v(x)/q(x)), recover from norm(max(0, v - q)).
     """
