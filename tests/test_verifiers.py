@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diversed.errors import UserInputError
+from diversed.methods import make_verifier
 from diversed.sampling import total_variation
 from diversed.verifiers import (
     DynamicEnsemble,
@@ -23,7 +24,6 @@ from diversed.verifiers import (
     VerifyContext,
     acceptance_rate,
     induced_distribution,
-    make_verifier,
     position_bias,
 )
 
