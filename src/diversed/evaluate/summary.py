@@ -27,9 +27,16 @@ SUMMARY_MD = "summary.md"
 def verified_positions(metrics: Metrics) -> tuple[int, int]:
     """(positions the verifier decided on, rejections) of pooled metrics.
 
-    A round decides min(k + 1, N) positions: its accepted tokens plus the rejected one, if any.
-    Rounds that accepted their whole draft are counted by the last per-position counter.
+    A round decides min(k + 1, n) positions: its accepted tokens plus the rejected one, if any.
+    The rejections come from the per-round record (`Metrics.rejected_rounds`), so a short
+    draft that was accepted whole (a budget-capped last round, `--draft-confidence`,
+    `--draft-length auto`) is not a rejection. Rows written before that record existed fall
+    back to reading fully accepted rounds off the last per-position counter, which assumes
+    every round drafted the full N.
     """
+    recorded = metrics.verified_positions()
+    if recorded is not None:
+        return recorded
     full_rounds = metrics.accepted_per_position[-1] if metrics.accepted_per_position else 0
     rejections = metrics.rounds - full_rounds if metrics.drafted else 0
     return metrics.accepted + rejections, rejections
