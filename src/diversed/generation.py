@@ -157,10 +157,11 @@ class Generation:
             raise UserInputError(f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context window ({self.pair.context_window})")
         if config.max_new_tokens > budget:
             config = dataclasses.replace(config, max_new_tokens=budget)
-        token_ids: list[int] = []
+        text = IncrementalText(self.pair.tokenizer)
         released = ""
         finish_reason = "length"
-        hold = max((len(s) for s in config.stop), default=1) - 1
+        longest_stop = max((len(s) for s in config.stop), default=0)
+        hold = max(longest_stop - 1, 0)
         tokens = decode(
             self.pair.runner("target"),
             self.proposer,
@@ -172,31 +173,69 @@ class Generation:
             policy=self.policy,
         )
         for chunk in tokens:
-            token_ids.extend(chunk)
-            text = self.pair.tokenizer.decode(token_ids, skip_special_tokens=True)
-            cut = first_stop(text, config.stop)
+            current = text.extend(chunk)
+            # A stop string wholly inside the released text would have been found in an earlier round.
+            cut = first_stop(current, config.stop, start=max(0, len(released) - longest_stop + 1))
             if cut is not None:
                 finish_reason = "stop"
-                text = text[:cut]
+                current = current[:cut]
                 tokens.close()
-                if len(text) > len(released):
-                    yield text[len(released) :]
-                released = text
+                if len(current) > len(released):
+                    yield current[len(released) :]
+                released = current
                 break
-            safe = len(text) - hold
-            while safe > len(released) and text[safe - 1] == "\ufffd":
+            safe = len(current) - hold
+            while safe > len(released) and current[safe - 1] == "\ufffd":
                 safe -= 1
             if safe > len(released):
-                yield text[len(released) : safe]
-                released = text[:safe]
+                yield current[len(released) : safe]
+                released = current[:safe]
         else:
-            if len(token_ids) < config.max_new_tokens:
+            if len(text.ids) < config.max_new_tokens:
                 finish_reason = "stop"  # EOS
-            text = self.pair.tokenizer.decode(token_ids, skip_special_tokens=True)
-            if len(text) > len(released):
-                yield text[len(released) :]
-            released = text
-        self.result = GenerationResult(released, token_ids, self.method, self.metrics, finish_reason)
+            if len(text.text) > len(released):
+                yield text.text[len(released) :]
+            released = text.text
+        self.result = GenerationResult(released, text.ids, self.method, self.metrics, finish_reason)
+
+
+class IncrementalText:
+    """The text of a growing list of token ids, decoding only a window at its end.
+
+    As vLLM's incremental detokenizer: each call decodes the tokens since the last settled
+    point together with the chunk before it (context, for tokenizers that render a token
+    differently at the start of a text), and keeps only the new characters. Text settles once
+    it no longer ends in an incomplete UTF-8 sequence (U+FFFD). Each token is decoded a
+    bounded number of times, instead of the whole text once per round.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.settled = ""  # the text of ids[:read_offset]; more tokens never change it
+        self.pending = ""  # the text of ids[read_offset:], ending in an incomplete character
+        self.prefix_offset = 0  # the window starts here: ids[prefix_offset:read_offset] are context
+        self.read_offset = 0
+
+    @property
+    def text(self) -> str:
+        return self.settled + self.pending
+
+    def extend(self, ids: list[int]) -> str:
+        """Append token ids; -> the whole text so far (what decoding every id at once gives)."""
+        self.ids.extend(ids)
+        context = self._decode(self.prefix_offset, self.read_offset)
+        new = self._decode(self.prefix_offset, len(self.ids))[len(context) :]
+        if new.endswith("\ufffd"):
+            self.pending = new  # wait for the rest of the character
+        else:
+            self.settled += new
+            self.pending = ""
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self.text
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True) if end > start else ""
 
 
 def first_stop(text: str, stops: tuple[str, ...] | list[str], start: int = 0) -> int | None:
