@@ -283,7 +283,8 @@ def start_generation(
     if verifier is None:
         verifier = build_verifier(pair, spec, config.proposer)
     proposer = make_proposer(pair, verifier, config)  # refuses impossible combinations before anything runs
-    policy = make_policy(pair, config) if proposer is not None else None
+    # `ar` drafts nothing, so the engine never consults its policy; N = "auto" still needs one to be given.
+    policy = make_policy(pair, config) if proposer is not None else FixedDraftLength(1)
     return Generation(pair, prompt_ids, verifier, config, spec.label, proposer, policy)
 
 
