@@ -330,7 +330,8 @@ class SpeculativeCascade(MixtureVerifier):
         if self.rule == "token":
             allowed = p >= (1 - self.alpha) * p.amax(dim=-1, keepdim=True)  # [N, V]
             q_allowed = torch.where(allowed, q, torch.zeros_like(q))
-            return q_allowed + (1 - q_allowed.sum(-1, keepdim=True)) * p
+            rest = (1 - q_allowed.sum(-1, keepdim=True)).clamp_min(0)  # [N, 1]; rounding can make it -1e-16
+            return q_allowed + rest * p
         defer = CASCADE_RULES[self.rule](p, q, self.alpha)  # [N] bool: trust the draft
         return torch.where(defer.unsqueeze(-1), q, p)
 
