@@ -4,7 +4,7 @@ Starts a server on 127.0.0.1 (tiny random models built on the fly, or the embedd
 pair with --real), or targets a running one with --url (loopback only), then fires --clients
 concurrent clients, each sending --requests-per-client short requests that rotate through
 completions / chat x plain / streamed. Every response must be either a valid completion
-(OpenAI shape, usage with the SPEC §6 metrics, `data: [DONE]` at the end of a stream) or a
+(OpenAI shape, usage with the docs/method.md §6 metrics, `data: [DONE]` at the end of a stream) or a
 clean 429 (error body, Retry-After); anything else (other statuses, malformed bodies,
 transport errors, requests still open at --deadline) is counted as a failure. The server's
 own /metrics request counts are compared with what the clients saw, so nothing is dropped

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from diversed.cli import main
 from diversed.errors import UserInputError
 from diversed.generation import MethodSpec
+from diversed.methods import make_verifier
 from diversed.sampling import total_variation
 from diversed.verifiers import (
     EntropyGate,
@@ -21,7 +22,6 @@ from diversed.verifiers import (
     entropy,
     induced_distribution,
     kl_divergence,
-    make_verifier,
     position_bias,
 )
 

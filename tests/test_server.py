@@ -21,7 +21,8 @@ from diversed.generation import MethodSpec, generate
 from diversed.head import EnsembleHead, HeadConfig
 from diversed.models import load_pair
 from diversed.sampling import SamplingParams
-from diversed.server import ServerSettings, create_app, register_cli, settings_from_args
+from diversed.commands.serve import register_cli, settings_from_args
+from diversed.server import ServerSettings, create_app
 from diversed.testing import build_tiny_model, served
 
 CONTEXT = 16384  # long enough for a request that outlives the request timeout

@@ -1,4 +1,4 @@
-"""Task loading and scoring on known cases (SPEC §7)."""
+"""Task loading and scoring on known cases (docs/method.md §7)."""
 
 from __future__ import annotations
 

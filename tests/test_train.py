@@ -1,4 +1,4 @@
-"""Training the ensemble head (SPEC §5) on the tiny pair: objective, baseline, frozen models,
+"""Training the ensemble head (docs/method.md §5) on the tiny pair: objective, baseline, frozen models,
 checkpoint/resume, direction of learning, and the saved head in use."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Exact enumeration: each verifier's induced distribution, acceptance and bias (SPEC §3-4).
+"""Exact enumeration: each verifier's induced distribution, acceptance and bias (docs/method.md §3-4).
 
 The induced distribution of a position is computed from the verifier's own acceptance and
-residual functions over the whole (small) vocabulary, and compared with the SPEC formula.
+residual functions over the whole (small) vocabulary, and compared with the formula of docs/method.md.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diversed.errors import UserInputError
+from diversed.methods import make_verifier
 from diversed.sampling import total_variation
 from diversed.verifiers import (
     DynamicEnsemble,
@@ -23,7 +24,6 @@ from diversed.verifiers import (
     VerifyContext,
     acceptance_rate,
     induced_distribution,
-    make_verifier,
     position_bias,
 )
 
@@ -99,7 +99,7 @@ def test_dynamic_ensemble_emits_per_position_mixture(pq, ws):
 
 
 def _cascade_pi(rule: str, alpha: float, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """SPEC §4 written out row by row, independently of the implementation."""
+    """docs/method.md §4 written out row by row, independently of the implementation."""
     rows = []
     for pi, qi in zip(p, q):
         if rule == "token":

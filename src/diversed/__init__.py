@@ -7,6 +7,7 @@ from .engine import GenerationConfig, decode
 from .errors import DiversedError, HeadMismatchError, ModelLoadError, PairMismatchError, UserInputError
 from .generation import GenerationResult, MethodSpec, build_verifier, encode_prompt, generate, start_generation
 from .head import EnsembleHead, HeadConfig, PairSignature, load_head
+from .methods import make_verifier
 from .metrics import Metrics, ideal_speedup
 from .models import ModelPair, load_pair
 from .sampling import SamplingParams
@@ -19,7 +20,6 @@ from .verifiers import (
     TypicalAcceptance,
     Verifier,
     VerifyContext,
-    make_verifier,
 )
 
 __version__ = "0.1.0"

@@ -8,13 +8,12 @@ import sys
 from typing import Callable
 
 from .errors import DiversedError, UserInputError
-from .generation import MethodSpec, build_verifier, default_method, start_generation
+from .generation import MethodSpec, build_verifier, check_spec, default_method, start_generation
 from .engine import GenerationConfig
-from .head import resolve_head_path
 from .draft_length import parse_draft_length
+from .methods import METHODS, flag, knob_help, knob_owners, spec_from_knobs
 from .models import BACKENDS, DTYPES, load_pair
 from .sampling import SamplingParams
-from .verifiers import CASCADE_RULES, METHODS, make_verifier
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -57,15 +56,13 @@ def pair_from_args(args: argparse.Namespace, needs_draft: bool = True):
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
-    """--method and its knobs, shared by `generate` and the server's defaults."""
+    """--method and one flag per knob of the method registry, shared by `generate` and `serve`."""
     group = parser.add_argument_group("verification method")
     group.add_argument("--method", choices=METHODS, help="default: static w=0.9 (no shipped head is a default; docs/heads.md)")
-    group.add_argument("--weight", type=float, help="static ensemble target weight w in (0, 1]; w=1 is lossless (default 0.9)")
-    group.add_argument("--head", help="diversed: ensemble-head path or shipped head name")
-    group.add_argument("--lenience", type=float, help="lenient: l in (0, 1] (default 0.5); cascade: alpha (default 0.1)")
-    group.add_argument("--rule", choices=sorted(CASCADE_RULES), help="cascade deferral rule (default token)")
-    group.add_argument("--threshold", type=float, help="klgate: KL(p||q) tau in nats (default 0.5); entgate: H(p) tau in nats (default 1.0)")
-    group.add_argument("--low-weight", type=float, help="klgate/entgate: target weight in [0, 1) where the gate trusts the draft (default 0.1)")
+    for name, owners in knob_owners().items():
+        knob = owners[0][1]
+        choices = sorted({c for _, k in owners for c in k.choices or ()}) or None
+        group.add_argument(flag(name), dest=name, type=knob.type, choices=choices, help=knob_help(name))
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -86,35 +83,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
     """The user's method, validated before any model loads; None means 'use the default'."""
-    method = args.method or ("static" if args.weight is not None else None)
-    if method is None:
-        if args.head is not None:
-            method = "diversed"
-        else:
-            return None
-    misplaced = [
-        flag
-        for flag, value, owners in (
-            ("--weight", args.weight, {"static"}),
-            ("--head", args.head, {"diversed"}),
-            ("--lenience", args.lenience, {"lenient", "cascade"}),
-            ("--rule", args.rule, {"cascade"}),
-            ("--threshold", getattr(args, "threshold", None), {"klgate", "entgate"}),
-            ("--low-weight", getattr(args, "low_weight", None), {"klgate", "entgate"}),
-        )
-        if value is not None and method not in owners
-    ]
-    if misplaced:
-        raise UserInputError(f"{', '.join(misplaced)} does not apply to --method {method}")
-    spec = MethodSpec(method, weight=args.weight, lenience=args.lenience, rule=args.rule, head=args.head,
-                      threshold=getattr(args, "threshold", None), low_weight=getattr(args, "low_weight", None))
-    if method == "diversed":
-        if not args.head:
-            raise UserInputError("--method diversed needs --head (a path or a shipped head name)")
-        resolve_head_path(args.head)
-    else:
-        make_verifier(method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule,
-                      threshold=spec.threshold, low=spec.low_weight)  # validates the knobs
+    spec = spec_from_knobs(args.method, {name: getattr(args, name, None) for name in knob_owners()})
+    if spec is not None:
+        check_spec(spec)
     return spec
 
 
@@ -197,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Other modules (evaluate, train, server) register their subcommands here.
+# The other subcommands (diversed/commands/) register themselves here.
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+COMMAND_MODULES = ("diversed.commands.evaluate", "diversed.commands.train", "diversed.commands.serve", "diversed.commands.mine")
 
 
 def _register_optional_commands() -> None:
@@ -206,7 +178,7 @@ def _register_optional_commands() -> None:
 
     if _EXTRA_COMMANDS:
         return  # already registered (main() may be called many times in one process)
-    for module in ("diversed.evaluate", "diversed.train", "diversed.server", "diversed.mining"):
+    for module in COMMAND_MODULES:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -223,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except DiversedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.render(flag)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

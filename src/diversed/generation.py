@@ -12,75 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from .chat_encoding import encode_chat
 from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
 from .engine import AUTO, GenerationConfig, decode
 from .errors import UserInputError
-from .head import load_head
+from .head import load_head, resolve_head_path
+from .methods import MethodSpec, check_complete, make_verifier
 from .metrics import Metrics
 from .models import ModelPair
 from .proposers import ModelProposer, NgramProposer, Proposer
-from .verifiers import DEFAULT_GATE_THRESHOLDS, DEFAULT_STATIC_WEIGHT, METHODS, Verifier, make_verifier
+from .verifiers import DEFAULT_STATIC_WEIGHT, HEAD, VERIFIERS, Verifier
 
 # The shipped head `diversed` uses when the user names no method. Only a head shown to help
 # across tasks belongs here (docs/heads.md); task-specific heads are opt-in (--head NAME).
 DEFAULT_HEAD: str | None = None
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A decoding method and its knobs, as a user names them (CLI flags, server fields, eval specs)."""
-
-    method: str
-    weight: float | None = None  # static
-    lenience: float | None = None  # lenient l, or cascade alpha
-    rule: str | None = None  # cascade rule
-    head: str | None = None  # diversed: path or shipped head name
-    threshold: float | None = None  # klgate / entgate tau
-    low_weight: float | None = None  # klgate / entgate weight where the gate trusts the draft
-
-    @classmethod
-    def parse(cls, text: str) -> "MethodSpec":
-        """`ar`, `exact`, `static:0.7`, `diversed:gsm8k`, `lenient:0.5`, `cascade:token:0.1`, `typical`, `klgate:0.5:0.1`."""
-        name, _, arg = text.strip().partition(":")
-        if name not in METHODS:
-            raise UserInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-        if not arg:
-            return cls(name)
-        try:
-            if name == "static":
-                return cls(name, weight=float(arg))
-            if name == "lenient":
-                return cls(name, lenience=float(arg))
-            if name == "cascade":
-                rule, _, alpha = arg.partition(":")
-                return cls(name, rule=rule, lenience=float(alpha) if alpha else None)
-            if name in ("klgate", "entgate"):
-                tau, _, low = arg.partition(":")
-                return cls(name, threshold=float(tau), low_weight=float(low) if low else None)
-        except ValueError:
-            raise UserInputError(f"bad method spec {text!r}: {arg!r} is not a number") from None
-        if name == "diversed":
-            return cls(name, head=arg)
-        raise UserInputError(f"method {name!r} takes no ':' argument (got {text!r})")
-
-    @property
-    def label(self) -> str:
-        """A short stable name for tables and files: static:0.7, diversed:gsm8k, ..."""
-        if self.method == "static":
-            return f"static:{self.weight if self.weight is not None else DEFAULT_STATIC_WEIGHT:g}"
-        if self.method == "lenient" and self.lenience is not None:
-            return f"lenient:{self.lenience:g}"
-        if self.method == "cascade":
-            return f"cascade:{self.rule or 'token'}" + (f":{self.lenience:g}" if self.lenience is not None else "")
-        if self.method == "diversed" and self.head:
-            return f"diversed:{self.head}"
-        if self.method in ("klgate", "entgate") and (self.threshold is not None or self.low_weight is not None):
-            tau = DEFAULT_GATE_THRESHOLDS[self.method] if self.threshold is None else self.threshold
-            return f"{self.method}:{tau:g}" + (f":{self.low_weight:g}" if self.low_weight is not None else "")
-        return self.method
+T = TypeVar("T")
 
 
 def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD) -> tuple[MethodSpec, str]:
@@ -100,13 +48,23 @@ def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD) -> 
     )
 
 
+def check_spec(spec: MethodSpec) -> None:
+    """Everything about a spec that can be checked before a model loads: required knobs, head files."""
+    check_complete(spec)
+    if _needs_head(spec):
+        resolve_head_path(spec.head)
+
+
+def _needs_head(spec: MethodSpec) -> bool:
+    return spec.method in VERIFIERS and HEAD in VERIFIERS[spec.method].needs
+
+
 def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = "model") -> Verifier | None:
     """The verifier for a method spec (None for `ar`), loading and checking a head if needed."""
     if spec.method != "ar" and proposer == "model" and pair.draft is None:
         raise UserInputError(f"--method {spec.method} needs a draft model (or --draft ngram)")
-    head = load_head(spec.head, pair.signature()).to(pair.device) if spec.method == "diversed" and spec.head else None
-    return make_verifier(spec.method, weight=spec.weight, lenience=spec.lenience, rule=spec.rule, head=head,
-                         threshold=spec.threshold, low=spec.low_weight)
+    head = load_head(spec.head, pair.signature()).to(pair.device) if _needs_head(spec) and spec.head else None
+    return make_verifier(spec.method, head=head, **spec.verifier_knobs())
 
 
 def make_proposer(pair: ModelPair, verifier: Verifier | None, config: GenerationConfig) -> Proposer | None:
@@ -199,10 +157,11 @@ class Generation:
             raise UserInputError(f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context window ({self.pair.context_window})")
         if config.max_new_tokens > budget:
             config = dataclasses.replace(config, max_new_tokens=budget)
-        token_ids: list[int] = []
+        text = IncrementalText(self.pair.tokenizer)
         released = ""
         finish_reason = "length"
-        hold = max((len(s) for s in config.stop), default=1) - 1
+        longest_stop = max((len(s) for s in config.stop), default=0)
+        hold = max(longest_stop - 1, 0)
         tokens = decode(
             self.pair.runner("target"),
             self.proposer,
@@ -214,36 +173,95 @@ class Generation:
             policy=self.policy,
         )
         for chunk in tokens:
-            token_ids.extend(chunk)
-            text = self.pair.tokenizer.decode(token_ids, skip_special_tokens=True)
-            cut = _first_stop(text, config.stop)
+            current = text.extend(chunk)
+            # A stop string wholly inside the released text would have been found in an earlier round.
+            cut = first_stop(current, config.stop, start=max(0, len(released) - longest_stop + 1))
             if cut is not None:
                 finish_reason = "stop"
-                text = text[:cut]
+                current = current[:cut]
                 tokens.close()
-                if len(text) > len(released):
-                    yield text[len(released) :]
-                released = text
+                if len(current) > len(released):
+                    yield current[len(released) :]
+                released = current
                 break
-            safe = len(text) - hold
-            while safe > len(released) and text[safe - 1] == "\ufffd":
+            safe = len(current) - hold
+            while safe > len(released) and current[safe - 1] == "\ufffd":
                 safe -= 1
             if safe > len(released):
-                yield text[len(released) : safe]
-                released = text[:safe]
+                yield current[len(released) : safe]
+                released = current[:safe]
         else:
-            if len(token_ids) < config.max_new_tokens:
+            if len(text.ids) < config.max_new_tokens:
                 finish_reason = "stop"  # EOS
-            text = self.pair.tokenizer.decode(token_ids, skip_special_tokens=True)
-            if len(text) > len(released):
-                yield text[len(released) :]
-            released = text
-        self.result = GenerationResult(released, token_ids, self.method, self.metrics, finish_reason)
+            if len(text.text) > len(released):
+                yield text.text[len(released) :]
+            released = text.text
+        self.result = GenerationResult(released, text.ids, self.method, self.metrics, finish_reason)
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    positions = [text.find(s) for s in stops if s and s in text]
+class IncrementalText:
+    """The text of a growing list of token ids, decoding only a window at its end.
+
+    As vLLM's incremental detokenizer: each call decodes the tokens since the last settled
+    point together with the chunk before it (context, for tokenizers that render a token
+    differently at the start of a text), and keeps only the new characters. Text settles once
+    it no longer ends in an incomplete UTF-8 sequence (U+FFFD). Each token is decoded a
+    bounded number of times, instead of the whole text once per round.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.settled = ""  # the text of ids[:read_offset]; more tokens never change it
+        self.pending = ""  # the text of ids[read_offset:], ending in an incomplete character
+        self.prefix_offset = 0  # the window starts here: ids[prefix_offset:read_offset] are context
+        self.read_offset = 0
+
+    @property
+    def text(self) -> str:
+        return self.settled + self.pending
+
+    def extend(self, ids: list[int]) -> str:
+        """Append token ids; -> the whole text so far (what decoding every id at once gives)."""
+        self.ids.extend(ids)
+        context = self._decode(self.prefix_offset, self.read_offset)
+        new = self._decode(self.prefix_offset, len(self.ids))[len(context) :]
+        if new.endswith("\ufffd"):
+            self.pending = new  # wait for the rest of the character
+        else:
+            self.settled += new
+            self.pending = ""
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self.text
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True) if end > start else ""
+
+
+def first_stop(text: str, stops: tuple[str, ...] | list[str], start: int = 0) -> int | None:
+    """Where the earliest stop string begins in text[start:] (an index into text), or None."""
+    positions = [at for at in (text.find(s, start) for s in stops if s) if at >= 0]
     return min(positions) if positions else None
+
+
+def fitting_prompts(pair: ModelPair, items: Sequence[T], prompt_of: Callable[[T], Any], room: int, raw: bool = False
+                    ) -> tuple[list[tuple[T, list[int]]], list[T]]:
+    """(item, prompt ids) for each item whose prompt leaves `room` tokens in the context; and the items skipped.
+
+    A prompt that cannot be encoded (empty, too long) is skipped too. What is skipped depends on
+    the prompt only, so every method of an evaluation skips the same examples.
+    """
+    kept, skipped = [], []
+    for item in items:
+        try:
+            ids = encode_prompt(pair, prompt_of(item), raw)
+        except UserInputError:
+            ids = None
+        if ids is None or len(ids) + room > pair.context_window:
+            skipped.append(item)
+        else:
+            kept.append((item, ids))
+    return kept, skipped
 
 
 def start_generation(
@@ -265,7 +283,8 @@ def start_generation(
     if verifier is None:
         verifier = build_verifier(pair, spec, config.proposer)
     proposer = make_proposer(pair, verifier, config)  # refuses impossible combinations before anything runs
-    policy = make_policy(pair, config) if proposer is not None else None
+    # `ar` drafts nothing, so the engine never consults its policy; N = "auto" still needs one to be given.
+    policy = make_policy(pair, config) if proposer is not None else FixedDraftLength(1)
     return Generation(pair, prompt_ids, verifier, config, spec.label, proposer, policy)
 
 

@@ -1,6 +1,6 @@
 """The DIVERSED ensemble head: per-position target weight w_i from both models' hidden states.
 
-`w_i = softmax(Linear([h^d_i ; h^t_i]))[TARGET]` (SPEC §3). About 2 (H_d + H_t) + 2 parameters.
+`w_i = softmax(Linear([h^d_i ; h^t_i]))[TARGET]` (docs/method.md §3). About 2 (H_d + H_t) + 2 parameters.
 Saved as `<name>.safetensors` + `<name>.json`; the JSON names the draft/target pair it was
 trained for, and loading it for another pair is a `HeadMismatchError`.
 """

@@ -1,4 +1,4 @@
-"""The one metrics type (SPEC §6), used by the library, the CLI, the evaluator and the server."""
+"""The one metrics type (docs/method.md §6), used by the library, the CLI, the evaluator and the server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ class Metrics:
 
     `acceptance_rate` is pooled: accepted / drafted over the whole run. It is None when
     nothing was drafted (the `ar` baseline), rather than a misleading 0.
+
+    `accept_counts[k]` counts the rounds that accepted exactly k drafted tokens, as gpt-fast's
+    accept_counts and vLLM's observe_draft do; only rounds that drafted something are in it
+    (an `ar` step, N = 0 or a prompt-lookup miss verifies nothing: `rounds - sum(accept_counts)`
+    of them). `rejected_rounds` counts the rounds that ended at a rejected draft token; the other
+    drafting rounds accepted their whole draft, however short it was. Both are None in metrics
+    read from rows written before they existed (`from_dict`).
     """
 
     drafted: int = 0
@@ -24,6 +31,8 @@ class Metrics:
     target_seconds: float = 0.0  # target forwards
     accepted_per_position: list[int] = field(default_factory=list)  # [N]: rounds accepting position i
     drafted_per_position: list[int] = field(default_factory=list)  # [N]: rounds that drafted position i
+    accept_counts: list[int] | None = field(default_factory=list)  # [k]: drafting rounds that accepted exactly k
+    rejected_rounds: int | None = 0  # drafting rounds that ended at a rejection
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -55,6 +64,10 @@ class Metrics:
             self.drafted_per_position[i] += 1
         for i in range(accepted):
             self.accepted_per_position[i] += 1
+        if drafted and self.accept_counts is not None:
+            _grow(self.accept_counts, accepted + 1)
+            self.accept_counts[accepted] += 1
+            self.rejected_rounds += accepted < drafted
 
     def merge(self, other: "Metrics") -> "Metrics":
         """Pooled metrics of two runs (sums of counts and times)."""
@@ -68,9 +81,14 @@ class Metrics:
             draft_seconds=self.draft_seconds + other.draft_seconds,
             target_seconds=self.target_seconds + other.target_seconds,
         )
+        if self.accept_counts is None or other.accept_counts is None:
+            out.accept_counts = out.rejected_rounds = None  # an old row: the histogram is unknown
+        else:
+            out.rejected_rounds = self.rejected_rounds + other.rejected_rounds
         for mine, theirs, pooled in (
             (self.accepted_per_position, other.accepted_per_position, out.accepted_per_position),
             (self.drafted_per_position, other.drafted_per_position, out.drafted_per_position),
+            (self.accept_counts or [], other.accept_counts or [], out.accept_counts if out.accept_counts is not None else []),
         ):
             _grow(pooled, max(len(mine), len(theirs)))
             for i, count in enumerate(mine):
@@ -80,7 +98,7 @@ class Metrics:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Every SPEC §6 name, counts and derived rates together (JSON-ready)."""
+        """Every docs/method.md §6 name, counts and derived rates together (JSON-ready)."""
         out = asdict(self)
         out["acceptance_rate"] = self.acceptance_rate
         out["mean_accepted_length"] = self.mean_accepted_length
@@ -91,11 +109,23 @@ class Metrics:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Metrics":
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        metrics = cls(**{k: v for k, v in data.items() if k in names})
+        if "accept_counts" not in data:  # written before the histogram existed: unknown, not zero
+            metrics.accept_counts = metrics.rejected_rounds = None
+        return metrics
+
+    def verified_positions(self) -> tuple[int, int] | None:
+        """(positions the verifier decided on, rejections), or None when the histogram is unknown.
+
+        A round decides min(k + 1, n) positions: its k accepted tokens plus the rejected one, if any.
+        """
+        if self.rejected_rounds is None:
+            return None
+        return self.accepted + self.rejected_rounds, self.rejected_rounds
 
 
 def ideal_speedup(acceptance: float, draft_length: int, cost_ratio: float) -> float:
-    """SPEC §6: (1 - a^(N+1)) / ((1 - a)(N c + 1)), the expected speedup for i.i.d. acceptance a."""
+    """docs/method.md §6: (1 - a^(N+1)) / ((1 - a)(N c + 1)), the expected speedup for i.i.d. acceptance a."""
     if acceptance >= 1:
         expected_tokens = draft_length + 1.0
     else:

@@ -25,13 +25,12 @@ mining runs unchanged on any backend behind it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,12 +39,13 @@ import torch
 
 from .engine import GenerationConfig
 from .errors import UserInputError
-from .evaluate import encodable_examples, example_seed, load_rows, teacher_forced
-from .generation import MethodSpec, generate
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelPair
-from .sampling import SamplingParams, total_variation
-from .tasks import TASKS, Example, Task, get_task
-from .verifiers import entropy, kl_divergence
+from .evaluate import encodable_examples, example_seed, teacher_forced
+from .generation import MethodSpec, first_stop, generate
+from .models import ModelPair
+from .run_files import RunSettings, atomic_write_text, read_rows
+from .run_files import check_settings as check_recorded_settings
+from .sampling import SamplingParams, entropy, kl_divergence, total_variation
+from .tasks import Example, Task
 
 RECORDS_FILE = "records.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -84,15 +84,9 @@ COST_KEYS = (
 
 
 @dataclass(frozen=True)
-class MineSettings:
+class MineSettings(RunSettings):
     """Everything that decides what a record contains. A resumed run must match them exactly."""
 
-    task: str
-    split: str
-    target: str
-    draft: str
-    dtype: str
-    temperature: float
     max_new_tokens: int
     max_counterfactuals: int
     seed: int
@@ -181,11 +175,6 @@ def likelihood_label(pair: ModelPair, prompt_ids: list[int], completion: list[in
     return float(changed.sum()), float(changed[:LL_WINDOW].sum())
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    positions = [text.find(s) for s in stops if s and s in text]
-    return text[: min(positions)] if positions else text
-
-
 def counterfactual_text(pair: ModelPair, task: Task, settings: MineSettings, prompt_ids: list[int],
                         completion: list[int], t: int, draft_token: int) -> str:
     """The completion with d_t at t, continued greedily by the target to the original total budget."""
@@ -198,7 +187,8 @@ def counterfactual_text(pair: ModelPair, task: Task, settings: MineSettings, pro
     if draft_token not in pair.eos_token_ids and rest_budget > 0 and room > 0:
         new_ids = generate(pair, prompt_ids + prefix, MethodSpec("ar"), config).token_ids
     text = pair.tokenizer.decode(prefix + new_ids, skip_special_tokens=True)
-    return _cut_at_stop(text, stops)
+    cut = first_stop(text, stops)
+    return text if cut is None else text[:cut]
 
 
 def outcome_flipped(task: Task, original_score: float, counterfactual_score: float) -> bool:
@@ -332,17 +322,8 @@ def _save_hidden(out_dir: Path, example_id: str, target_hidden: torch.Tensor, dr
 
 def check_settings(out_dir: Path, settings: MineSettings) -> None:
     """Record the settings of a new run; refuse to mix records of runs that differ."""
-    path = out_dir / SETTINGS_FILE
-    current = asdict(settings)
-    if not path.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2) + "\n")
-        return
-    stored = json.loads(path.read_text())
-    differing = [f"{key}: {stored.get(key)!r} there, {value!r} now" for key, value in current.items() if stored.get(key) != value]
-    if differing:
-        raise UserInputError(f"{out_dir} holds a mining run with other settings ({'; '.join(differing)}); "
-                             "rerun with the same settings to resume it, or choose another --out")
+    defaults = {f.name: f.default for f in fields(MineSettings)}
+    check_recorded_settings(out_dir / SETTINGS_FILE, asdict(settings), defaults, what="mining run")
 
 
 def load_cost(out_dir: Path) -> dict[str, float]:
@@ -368,9 +349,7 @@ def cost_summary(cost: dict[str, float]) -> dict[str, float | None]:
 
 
 def _write_cost(out_dir: Path, cost: dict[str, float]) -> None:
-    temporary = out_dir / (COST_FILE + ".tmp")
-    temporary.write_text(json.dumps(cost_summary(cost), indent=2) + "\n")
-    os.replace(temporary, out_dir / COST_FILE)
+    atomic_write_text(out_dir / COST_FILE, json.dumps(cost_summary(cost), indent=2) + "\n")
 
 
 def run_mining(pair: ModelPair, task: Task, examples: Sequence[Example], settings: MineSettings, out_dir: str | Path,
@@ -381,7 +360,7 @@ def run_mining(pair: ModelPair, task: Task, examples: Sequence[Example], setting
     out_dir = Path(out_dir)
     check_settings(out_dir, settings)
     records_path = out_dir / RECORDS_FILE
-    done = {row["id"] for row in load_rows(records_path)}  # also drops a line cut off by a crash
+    done = {row["id"] for row in _load_records(records_path)}  # also drops a line cut off by a crash
     prompts, skipped = encodable_examples(pair, task, examples, settings.raw, room=2)
     if skipped:
         print(f"note: skipping {len(skipped)} problem(s) whose prompt does not fit the context window", file=sys.stderr)
@@ -404,6 +383,11 @@ def run_mining(pair: ModelPair, task: Task, examples: Sequence[Example], setting
     return cost_summary(cost)
 
 
+def _load_records(path: Path) -> list[dict[str, Any]]:
+    """The mined records so far: one per problem, keyed by its id (not eval rows)."""
+    return read_rows(path, ("id",), "a mining record")
+
+
 def load_positions(out_dir: str | Path) -> dict[str, Any]:
     """Every mined position as numpy arrays, one row per position (P rows in all).
 
@@ -420,7 +404,7 @@ def load_positions(out_dir: str | Path) -> dict[str, Any]:
                                                       "draft_projection", "mismatch", "ll_delta", "ll_delta_window", "cf_flip",
                                                       "cf_flip_vs_control")}
     problem_ids = []
-    for row in load_rows(path):
+    for row in _load_records(path):
         count = row.get("positions", 0)
         if not count:
             continue
@@ -451,58 +435,3 @@ def load_positions(out_dir: str | Path) -> dict[str, Any]:
     arrays["problem_ids"] = problem_ids
     arrays["feature_names"] = list(FEATURES)
     return arrays
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cmd_mine(args: argparse.Namespace) -> int:
-    from .cli import pair_from_args, resolve_backend
-
-    if args.max_counterfactuals < 0:
-        raise UserInputError(f"--max-counterfactuals must be >= 0, got {args.max_counterfactuals}")
-    if args.max_likelihood_labels is not None and args.max_likelihood_labels < 0:
-        raise UserInputError(f"--max-likelihood-labels must be >= 0, got {args.max_likelihood_labels}")
-    if args.max_new_tokens < 1:
-        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    task = get_task(args.task)
-    examples = task.load(args.split, args.n, args.data_dir)
-    settings = MineSettings(
-        task=task.name, split=args.split, target=args.target or DEFAULT_TARGET.name, draft=args.draft or DEFAULT_DRAFT.name,
-        dtype=args.dtype, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        max_counterfactuals=args.max_counterfactuals, seed=args.seed, max_likelihood_labels=args.max_likelihood_labels,
-        control=args.control, raw=args.raw, save_hidden=args.save_hidden,
-        prompt_version=task.prompt_version, backend=resolve_backend(args),
-    )
-    settings.sampling  # validates the temperature before the (slow) model load
-    out_dir = Path(args.out)
-    check_settings(out_dir, settings)
-    pair = pair_from_args(args)
-    cost = run_mining(pair, task, examples, settings, out_dir)
-    print(json.dumps(cost, indent=2))
-    print(f"records and cost in {out_dir}/", file=sys.stderr)
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `mine` to the `diversed` command line."""
-    from .cli import add_model_args
-
-    mine = subparsers.add_parser("mine", help="per-position features and mismatch labels on target completions (issue 15)")
-    group = mine.add_argument_group("problems")
-    group.add_argument("--task", required=True, choices=list(TASKS), help="benchmark (gsm8k, mbpp, xsum have train splits)")
-    group.add_argument("--split", default="train", help="data split (default train)")
-    group.add_argument("--n", type=int, default=100, help="first N problems of the split (default 100)")
-    group.add_argument("--data-dir", help="folder with the task's JSONL files (default: $DIVERSED_DATA_DIR)")
-    group.add_argument("--raw", action="store_true", help="plain-completion prompts instead of the chat template")
-    group.add_argument("--out", required=True, help="output folder; a run there resumes")
-    group = mine.add_argument_group("mining")
-    group.add_argument("--temperature", "-T", type=float, default=1.0, help="target sampling temperature for completions and features (default 1.0)")
-    group.add_argument("--max-new-tokens", type=int, default=256, help="completion length budget, also for counterfactuals (default 256)")
-    group.add_argument("--max-counterfactuals", type=int, default=8, help="counterfactual labels per problem, a seeded random subset of its mismatches (default 8)")
-    group.add_argument("--max-likelihood-labels", type=int, help="likelihood labels per problem (default: every mismatch); always covers the counterfactual positions")
-    group.add_argument("--control", action="store_true", help="also continue greedily from the original token at each counterfactual position (doubles their cost)")
-    group.add_argument("--seed", type=int, default=0, help="base seed for completions and the counterfactual subset (default 0)")
-    group.add_argument("--save-hidden", action="store_true", help="also keep the raw hidden states (float16 safetensors per problem under hidden/)")
-    add_model_args(mine)
-    mine.set_defaults(handler=cmd_mine)

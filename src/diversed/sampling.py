@@ -1,11 +1,12 @@
 """Logits -> processed probabilities, and sampling from them.
 
 Both models' logits go through the same `logits_to_probs` with the same `SamplingParams`,
-so `q` is exactly the distribution the drafted token was sampled from (SPEC §1 contract).
+so `q` is exactly the distribution the drafted token was sampled from (docs/method.md §1 contract).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -101,3 +102,28 @@ def normalize(mass: torch.Tensor) -> torch.Tensor:
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """TV(a, b) = sum_v max(0, a(v) - b(v)). a, b: [..., V] -> [...]."""
     return (a - b).clamp_min(0).sum(dim=-1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in nats per row. [N, V] -> [N]; 0 log 0 = 0."""
+    return -torch.xlogy(p, p).sum(-1)
+
+
+def kl_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) in nats per row. [N, V] -> [N], finite everywhere.
+
+    Where b = 0 but a > 0 the true value is +inf; b is clamped to the dtype's smallest normal
+    so the result is large and finite (a gate only compares it with a threshold), never NaN.
+    """
+    log_b = b.clamp_min(torch.finfo(b.dtype).tiny).log()
+    return (torch.xlogy(a, a) - a * log_b).sum(-1).clamp_min(0)
+
+
+def derived_seed(*parts: object, bits: int = 32) -> int:
+    """A seed for one use of randomness, from what it is for: derived_seed(seed, example_id).
+
+    The same parts give the same seed in any order of use and on any machine (a hash, not a
+    generator's state), so resumed runs and reruns of one example sample alike.
+    """
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << bits) - 1)

@@ -1,4 +1,4 @@
-"""Run model-written Python in a separate, locked-down process (SPEC §7).
+"""Run model-written Python in a separate, locked-down process (docs/method.md §7).
 
 Never `exec` model output in the evaluating process. `run_python(code, limits, tests)` writes
 the program to a throwaway directory and runs it with a fresh interpreter (`python -I -B`), a

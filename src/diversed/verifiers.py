@@ -9,7 +9,7 @@ Vocabulary (as in vLLM's rejection sampler):
   (the engine draws it; no verifier is involved).
 
 Every verifier is three pure functions of the target distribution `p`, the draft
-distribution `q` (both [N, V], the processed distributions of SPEC §1) and a context
+distribution `q` (both [N, V], the processed distributions of docs/method.md §1) and a context
 (per-position data such as the dynamic ensemble weights):
 
 - `acceptance(p, q, ctx) -> [N, V]`: P(accept | token v was drafted at position i), for every v.
@@ -20,21 +20,31 @@ distribution `q` (both [N, V], the processed distributions of SPEC §1) and a co
 
 Position i then emits token v with probability
 `q(v) * acceptance(v) + (1 - sum_u q(u) acceptance(u)) * residual(v)` (`induced_distribution`).
-Adding a method is adding one class here (and its tests); the engine loop does not change.
+Adding a method is adding one class here, decorated with `@register`, and its tests: the class
+declares its name, its knobs (`knobs.Knob`: type, range, default, doc) and what it needs, and the
+method registry (`methods.py`) derives spec strings, CLI flags, the server's fields, the
+evaluator's method list and the docs' table from that. The engine loop does not change.
+The two gates at the end of this file are examples.
 
-Weight convention (SPEC §3): `w` is the weight on the **target**. w = 1 is lossless.
+Weight convention (docs/method.md §3): `w` is the weight on the **target**. w = 1 is lossless.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, NamedTuple
 
 import torch
 
-from .errors import UserInputError
-from .sampling import normalize, total_variation
+from .knobs import Knob
+from .sampling import entropy, kl_divergence, normalize, total_variation
+
+# What a method may need besides the target's distribution p (its `needs`).
+DRAFT_PROBS = "draft probabilities"  # q beyond the drafted token (a prompt-lookup draft gives point masses)
+HIDDEN_STATES = "hidden states"  # both models' last-layer states at the drafted positions
+HEAD = "a head"  # a trained ensemble head (`--head`)
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,32 @@ class VerifyTables(NamedTuple):
 
 
 class Verifier(ABC):
-    """One verification method. Subclasses are small frozen dataclasses holding their knobs."""
+    """One verification method. Subclasses are small frozen dataclasses holding their knobs.
+
+    Besides the rules below, a method declares what the registry shows users: `knobs` (in the
+    order a spec string lists them: `cascade:RULE:ALPHA`), `label_knobs` (how many leading
+    knobs a label always writes, defaults filled: `static:0.9`), `needs`, and one line each of
+    `verification` and `lossless` for the docs' method table.
+    """
 
     name: ClassVar[str]
-    #: True when `context` needs the draft's and target's last-layer hidden states.
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+    label_knobs: ClassVar[int] = 0
+    needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS})
+    verification: ClassVar[str] = ""
+    lossless: ClassVar[str] = "no"
+    #: True when `context` needs the draft's and target's last-layer hidden states (from `needs`).
     needs_hidden_states: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.needs_hidden_states = HIDDEN_STATES in cls.needs
+
+    def __post_init__(self) -> None:
+        """Every knob checks its value (dataclass subclasses call this after __init__)."""
+        for knob in self.knobs:
+            if knob.constructor:
+                knob.check(getattr(self, knob.attribute))
 
     def context(self, draft_hidden: torch.Tensor | None, target_hidden: torch.Tensor | None) -> VerifyContext:
         """Build the round's context. draft_hidden: [N, H_d], target_hidden: [N, H_t]."""
@@ -103,7 +134,7 @@ def _residual_or_fallback(mass: torch.Tensor, fallback: torch.Tensor) -> torch.T
 
 
 class MixtureVerifier(Verifier):
-    """Lossless verification against a per-position target distribution `v` (SPEC §3).
+    """Lossless verification against a per-position target distribution `v` (docs/method.md §3).
 
     Emits exactly `v`: accept with min(1, v(x)/q(x)), recover from norm(max(0, v - q)).
     """
@@ -140,31 +171,26 @@ def _mix(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor | float) -> torch.Ten
     return w * p + (1 - w) * q
 
 
-def entropy(p: torch.Tensor) -> torch.Tensor:
-    """H(p) in nats per row. [N, V] -> [N]; 0 log 0 = 0."""
-    return -torch.xlogy(p, p).sum(-1)
+# Verification methods by name, in the order users see them (`@register`).
+VERIFIERS: dict[str, type[Verifier]] = {}
 
 
-def kl_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) in nats per row. [N, V] -> [N], finite everywhere.
-
-    Where b = 0 but a > 0 the true value is +inf; b is clamped to the dtype's smallest normal
-    so the result is large and finite (a gate only compares it with a threshold), never NaN.
-    """
-    log_b = b.clamp_min(torch.finfo(b.dtype).tiny).log()
-    return (torch.xlogy(a, a) - a * log_b).sum(-1).clamp_min(0)
+def register(cls: type[Verifier]) -> type[Verifier]:
+    """Make a verifier class a method users can name (the registry reads its declarations)."""
+    if cls.name in VERIFIERS:
+        raise ValueError(f"two verification methods are called {cls.name!r}")
+    VERIFIERS[cls.name] = cls
+    return cls
 
 
-def _check_unit_interval(value: float, what: str, flag: str) -> None:
-    if not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise UserInputError(f"{what} must be in (0, 1], got {value!r} ({flag})")
-
-
+@register
 @dataclass(frozen=True)
 class Exact(MixtureVerifier):
     """Lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023): v = p."""
 
     name: ClassVar[str] = "exact"
+    verification: ClassVar[str] = "`v = p` (Leviathan/Chen)"
+    lossless: ClassVar[str] = "yes"
 
     def verification_target(self, p, q, ctx):
         return p
@@ -174,17 +200,21 @@ class Exact(MixtureVerifier):
 # Measured on the default pair (docs/results, 50 problems each): w = 0.9 keeps exact's quality
 # on GSM8K (0.30 vs 0.34) and MBPP, while w = 0.7 halves GSM8K accuracy (0.16).
 DEFAULT_STATIC_WEIGHT = 0.9
+WEIGHT = Knob("weight", float, DEFAULT_STATIC_WEIGHT, "the ensemble weight w (on the target; w = 1 is lossless)",
+              interval=(0, 1, "(]"), implies_method=True)
 
 
+@register
 @dataclass(frozen=True)
 class StaticEnsemble(MixtureVerifier):
     """Static ensemble: v = w p + (1 - w) q with a fixed target weight w in (0, 1]."""
 
     name: ClassVar[str] = "static"
-    weight: float = DEFAULT_STATIC_WEIGHT
-
-    def __post_init__(self) -> None:
-        _check_unit_interval(self.weight, "the ensemble weight w", "--weight")
+    knobs: ClassVar[tuple[Knob, ...]] = (WEIGHT,)
+    label_knobs: ClassVar[int] = 1  # `static` names its weight even when it is the default
+    verification: ClassVar[str] = "`v = w·p + (1−w)·q`"
+    lossless: ClassVar[str] = "at w = 1"
+    weight: float = WEIGHT.default
 
     def verification_target(self, p, q, ctx):
         return _mix(p, q, self.weight)
@@ -193,12 +223,20 @@ class StaticEnsemble(MixtureVerifier):
         return f"static(w={self.weight:g})"
 
 
+HEAD_NAME = Knob("head", str, None, "the ensemble head (a path or a shipped head name)", implies_method=True, required=True,
+                 constructor=False)
+
+
+@register
 @dataclass(frozen=True)
 class DynamicEnsemble(MixtureVerifier):
     """DIVERSED: v_i = w_i p_i + (1 - w_i) q_i with w_i = head(h^d_i, h^t_i)."""
 
     name: ClassVar[str] = "diversed"
-    needs_hidden_states: ClassVar[bool] = True
+    knobs: ClassVar[tuple[Knob, ...]] = (HEAD_NAME,)
+    needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS, HIDDEN_STATES, HEAD})
+    verification: ClassVar[str] = "`v_i = w_i·p_i + (1−w_i)·q_i`, `w_i = head(h_draft, h_target)`"
+    lossless: ClassVar[str] = "no (bias reported)"
     head: torch.nn.Module = field(compare=False)
 
     def context(self, draft_hidden, target_hidden):
@@ -214,72 +252,10 @@ class DynamicEnsemble(MixtureVerifier):
         return "diversed"
 
 
-# Target weight of the gates where they trust the draft. Not 0: the emitted law then keeps some
-# target mass on every token the target supports (v = q would never emit a token the draft
-# gives probability 0), at a cost of only 10% of the acceptance gain at those positions.
-DEFAULT_GATE_LOW = 0.1
-# Gate thresholds (nats) when none is given: starting points for a sweep, not tuned values.
-DEFAULT_GATE_THRESHOLDS = {"klgate": 0.5, "entgate": 1.0}
+LENIENCE = Knob("lenience", float, 0.5, "the lenience l (l = 1 is lossless)", interval=(0, 1, "(]"))
 
 
-def _check_gate(threshold: float, low: float) -> None:
-    if not (isinstance(threshold, (int, float)) and threshold > 0 and threshold < float("inf")):
-        raise UserInputError(f"the gate threshold must be a positive number, got {threshold!r} (--threshold)")
-    if not (isinstance(low, (int, float)) and 0 <= low < 1):
-        raise UserInputError(f"the gate's low weight must be in [0, 1), got {low!r} (--low-weight)")
-
-
-@dataclass(frozen=True)
-class KLGate(MixtureVerifier):
-    """KL gate: v_i = w_i p_i + (1 - w_i) q_i with w_i = 1 where KL(p_i || q_i) > threshold, else `low`.
-
-    Trusts the draft where it agrees with the target in KL (nats); by Pinsker the bias of an
-    un-gated position is at most (1 - low) sqrt(threshold / 2). Needs only (p, q).
-    """
-
-    name: ClassVar[str] = "klgate"
-    threshold: float = DEFAULT_GATE_THRESHOLDS["klgate"]
-    low: float = DEFAULT_GATE_LOW
-
-    def __post_init__(self) -> None:
-        _check_gate(self.threshold, self.low)
-
-    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """w_i per position. [N, V] -> [N]."""
-        return torch.where(kl_divergence(p, q) > self.threshold, 1.0, self.low).to(p.dtype)
-
-    def verification_target(self, p, q, ctx):
-        return _mix(p, q, self.weights(p, q))
-
-    def describe(self) -> str:
-        return f"klgate(tau={self.threshold:g}, low={self.low:g})"
-
-
-@dataclass(frozen=True)
-class EntropyGate(MixtureVerifier):
-    """Entropy gate (FLy-style): w_i = 1 where H(p_i) > threshold (nats), else `low`.
-
-    Trusts the draft where the target is confident; an uncertain target keeps its own law.
-    """
-
-    name: ClassVar[str] = "entgate"
-    threshold: float = DEFAULT_GATE_THRESHOLDS["entgate"]
-    low: float = DEFAULT_GATE_LOW
-
-    def __post_init__(self) -> None:
-        _check_gate(self.threshold, self.low)
-
-    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """w_i per position. [N, V] -> [N]."""
-        return torch.where(entropy(p) > self.threshold, 1.0, self.low).to(p.dtype)
-
-    def verification_target(self, p, q, ctx):
-        return _mix(p, q, self.weights(p, q))
-
-    def describe(self) -> str:
-        return f"entgate(tau={self.threshold:g}, low={self.low:g})"
-
-
+@register
 @dataclass(frozen=True)
 class Lenient(Verifier):
     """Lenient speculative sampling (Leviathan et al., appendix A.5), lenience l in (0, 1].
@@ -289,10 +265,10 @@ class Lenient(Verifier):
     """
 
     name: ClassVar[str] = "lenient"
-    lenience: float = 0.5
-
-    def __post_init__(self) -> None:
-        _check_unit_interval(self.lenience, "the lenience l", "--lenience")
+    knobs: ClassVar[tuple[Knob, ...]] = (LENIENCE,)
+    verification: ClassVar[str] = "accept with `min(1, p/(l·q))`, residual `norm(max(0, p−q))`"
+    lossless: ClassVar[str] = "at l = 1"
+    lenience: float = LENIENCE.default
 
     def acceptance(self, p, q, ctx):
         return _ratio_acceptance(p / self.lenience, q)
@@ -329,8 +305,12 @@ CASCADE_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
     "opt": _defer_to_draft_opt,
     "token": None,  # token-level rule v3: mixes per token, see SpeculativeCascade.verification_target
 }
+CASCADE_RULE = Knob("rule", str, "token", "the cascade's deferral rule", choices=tuple(sorted(CASCADE_RULES)))
+# `lenience` was the cascade's alpha before the cascade had a knob of its own; it still works.
+CASCADE_ALPHA = Knob("alpha", float, 0.1, "the cascade's lenience alpha", interval=(0, 1, "[]"), aliases=("lenience",))
 
 
+@register
 @dataclass(frozen=True)
 class SpeculativeCascade(MixtureVerifier):
     """Speculative cascades (Narasimhan et al., 2024): lossless verification against pi.
@@ -340,20 +320,18 @@ class SpeculativeCascade(MixtureVerifier):
     """
 
     name: ClassVar[str] = "cascade"
-    rule: str = "token"
-    alpha: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.rule not in CASCADE_RULES:
-            raise UserInputError(f"unknown cascade rule {self.rule!r}; choose one of {', '.join(CASCADE_RULES)} (--rule)")
-        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
-            raise UserInputError(f"the cascade lenience alpha must be in [0, 1], got {self.alpha!r} (--lenience)")
+    knobs: ClassVar[tuple[Knob, ...]] = (CASCADE_RULE, CASCADE_ALPHA)
+    label_knobs: ClassVar[int] = 1  # `cascade:token`
+    verification: ClassVar[str] = "lossless against π from a deferral rule (chow, diff, opt, token v3)"
+    rule: str = CASCADE_RULE.default
+    alpha: float = CASCADE_ALPHA.default
 
     def verification_target(self, p, q, ctx):
         if self.rule == "token":
             allowed = p >= (1 - self.alpha) * p.amax(dim=-1, keepdim=True)  # [N, V]
             q_allowed = torch.where(allowed, q, torch.zeros_like(q))
-            return q_allowed + (1 - q_allowed.sum(-1, keepdim=True)) * p
+            rest = (1 - q_allowed.sum(-1, keepdim=True)).clamp_min(0)  # [N, 1]; rounding can make it -1e-16
+            return q_allowed + rest * p
         defer = CASCADE_RULES[self.rule](p, q, self.alpha)  # [N] bool: trust the draft
         return torch.where(defer.unsqueeze(-1), q, p)
 
@@ -361,6 +339,11 @@ class SpeculativeCascade(MixtureVerifier):
         return f"cascade({self.rule}, alpha={self.alpha:g})"
 
 
+TYPICAL_EPS = Knob("eps", float, 0.09, "typical acceptance's floor eps", interval=(0, 1, "(]"))
+TYPICAL_ALPHA = Knob("alpha", float, 0.3, "typical acceptance's entropy factor alpha", interval=(0, 1, "(]"))
+
+
+@register
 @dataclass(frozen=True)
 class TypicalAcceptance(Verifier):
     """Typical acceptance (Medusa; vLLM V0): accept x iff p(x) > min(eps, alpha * exp(-H(p))).
@@ -369,12 +352,11 @@ class TypicalAcceptance(Verifier):
     """
 
     name: ClassVar[str] = "typical"
-    eps: float = 0.09
-    alpha: float = 0.3
-
-    def __post_init__(self) -> None:
-        if not (0 < self.eps <= 1 and 0 < self.alpha <= 1):
-            raise UserInputError(f"typical acceptance needs eps and alpha in (0, 1], got {self.eps}, {self.alpha}")
+    knobs: ClassVar[tuple[Knob, ...]] = (TYPICAL_EPS, TYPICAL_ALPHA)
+    needs: ClassVar[frozenset[str]] = frozenset()  # p alone decides
+    verification: ClassVar[str] = "accept iff `p(x) > min(ε, α·exp(−H(p)))`, else argmax p"
+    eps: float = TYPICAL_EPS.default
+    alpha: float = TYPICAL_ALPHA.default
 
     def _threshold(self, p: torch.Tensor) -> torch.Tensor:
         entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)  # [N]
@@ -394,6 +376,77 @@ class TypicalAcceptance(Verifier):
 
     def describe(self) -> str:
         return f"typical(eps={self.eps:g}, alpha={self.alpha:g})"
+
+
+# The two gates below are the worked example of adding a method (docs/method.md, "Adding a
+# method"): a class with its knobs, registered, plus its tests (tests/test_gates.py).
+
+# Target weight of the gates where they trust the draft. Not 0: the emitted law then keeps some
+# target mass on every token the target supports (v = q would never emit a token the draft
+# gives probability 0), at a cost of only 10% of the acceptance gain at those positions.
+LOW_WEIGHT = Knob("low_weight", float, 0.1, "the gate's low weight (target weight where it trusts the draft)",
+                  interval=(0, 1, "[)"), field="low")
+
+
+def _gate_threshold(default: float, statistic: str) -> Knob:
+    # Gate thresholds (nats) when none is given: starting points for a sweep, not tuned values.
+    return Knob("threshold", float, default, f"the gate threshold tau on {statistic} (nats)", interval=(0, math.inf, "()"))
+
+
+KL_THRESHOLD = _gate_threshold(0.5, "KL(p||q)")
+ENTROPY_THRESHOLD = _gate_threshold(1.0, "H(p)")
+
+
+@register
+@dataclass(frozen=True)
+class KLGate(MixtureVerifier):
+    """KL gate: v_i = w_i p_i + (1 - w_i) q_i with w_i = 1 where KL(p_i || q_i) > threshold, else `low`.
+
+    Trusts the draft where it agrees with the target in KL (nats); by Pinsker the bias of an
+    un-gated position is at most (1 - low) sqrt(threshold / 2). Needs only (p, q).
+    """
+
+    name: ClassVar[str] = "klgate"
+    knobs: ClassVar[tuple[Knob, ...]] = (KL_THRESHOLD, LOW_WEIGHT)
+    verification: ClassVar[str] = "mixture with `w_i = 1` where `KL(p‖q) > τ`, else the low weight"
+    threshold: float = KL_THRESHOLD.default
+    low: float = LOW_WEIGHT.default
+
+    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """w_i per position. [N, V] -> [N]."""
+        return torch.where(kl_divergence(p, q) > self.threshold, 1.0, self.low).to(p.dtype)
+
+    def verification_target(self, p, q, ctx):
+        return _mix(p, q, self.weights(p, q))
+
+    def describe(self) -> str:
+        return f"klgate(tau={self.threshold:g}, low={self.low:g})"
+
+
+@register
+@dataclass(frozen=True)
+class EntropyGate(MixtureVerifier):
+    """Entropy gate (FLy-style): w_i = 1 where H(p_i) > threshold (nats), else `low`.
+
+    Trusts the draft where the target is confident; an uncertain target keeps its own law.
+    """
+
+    name: ClassVar[str] = "entgate"
+    knobs: ClassVar[tuple[Knob, ...]] = (ENTROPY_THRESHOLD, LOW_WEIGHT)
+    needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS})
+    verification: ClassVar[str] = "mixture with `w_i = 1` where `H(p) > τ`, else the low weight"
+    threshold: float = ENTROPY_THRESHOLD.default
+    low: float = LOW_WEIGHT.default
+
+    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """w_i per position. [N, V] -> [N]."""
+        return torch.where(entropy(p) > self.threshold, 1.0, self.low).to(p.dtype)
+
+    def verification_target(self, p, q, ctx):
+        return _mix(p, q, self.weights(p, q))
+
+    def describe(self) -> str:
+        return f"entgate(tau={self.threshold:g}, low={self.low:g})"
 
 
 def emitted_distribution(q: torch.Tensor, acceptance: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -418,66 +471,8 @@ def position_bias(verifier: Verifier, p: torch.Tensor, q: torch.Tensor, ctx: Ver
     return total_variation(induced_distribution(verifier, p, q, ctx), p)
 
 
-METHODS = ("ar", "exact", "static", "diversed", "lenient", "cascade", "typical", "klgate", "entgate")
-
-
-def make_verifier(
-    method: str,
-    *,
-    weight: float | None = None,
-    lenience: float | None = None,
-    rule: str | None = None,
-    head: torch.nn.Module | None = None,
-    eps: float | None = None,
-    alpha: float | None = None,
-    threshold: float | None = None,
-    low: float | None = None,
-) -> Verifier | None:
-    """The verifier for a method name and its knobs; None for `ar` (no drafting)."""
-    if method == "ar":
-        return None
-    if method == "exact":
-        return Exact()
-    if method == "static":
-        return StaticEnsemble(DEFAULT_STATIC_WEIGHT if weight is None else weight)
-    if method == "diversed":
-        if head is None:
-            raise UserInputError("--method diversed needs an ensemble head (--head PATH or a shipped head name)")
-        return DynamicEnsemble(head=head)
-    if method == "lenient":
-        return Lenient(0.5 if lenience is None else lenience)
-    if method == "cascade":
-        return SpeculativeCascade(rule or "token", 0.1 if lenience is None else lenience)
-    if method == "typical":
-        return TypicalAcceptance(0.09 if eps is None else eps, 0.3 if alpha is None else alpha)
-    if method in ("klgate", "entgate"):
-        gate = KLGate if method == "klgate" else EntropyGate
-        tau = DEFAULT_GATE_THRESHOLDS[method] if threshold is None else threshold
-        return gate(tau, DEFAULT_GATE_LOW if low is None else low)
-    raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
 __all__ = [
-    "Verifier",
-    "VerifyContext",
-    "VerifyTables",
-    "MixtureVerifier",
-    "Exact",
-    "StaticEnsemble",
-    "DynamicEnsemble",
-    "Lenient",
-    "SpeculativeCascade",
-    "TypicalAcceptance",
-    "KLGate",
-    "EntropyGate",
-    "entropy",
-    "kl_divergence",
-    "CASCADE_RULES",
-    "METHODS",
-    "emitted_distribution",
-    "induced_distribution",
-    "acceptance_rate",
-    "position_bias",
-    "make_verifier",
+    "Verifier", "VerifyContext", "VerifyTables", "MixtureVerifier", "VERIFIERS", "register",
+    "Exact", "StaticEnsemble", "DynamicEnsemble", "Lenient", "SpeculativeCascade", "TypicalAcceptance", "KLGate", "EntropyGate",
+    "CASCADE_RULES", "entropy", "kl_divergence", "emitted_distribution", "induced_distribution", "acceptance_rate", "position_bias",
 ]
-

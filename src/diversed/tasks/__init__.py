@@ -1,4 +1,4 @@
-"""The paper's evaluation tasks (SPEC §7) behind one interface, `Task`.
+"""The paper's evaluation tasks (docs/method.md §7) behind one interface, `Task`.
 
     task = get_task("gsm8k")
     examples = task.load("test", n=50, data_dir="data/")

@@ -37,7 +37,7 @@ class ClientAborted(Exception):
 
 
 def api_error(message: str, status: int, code: str, param: str | None = None) -> Exception:
-    from .server import ApiError  # the server module imports this one
+    from .schemas import ApiError  # schemas imports this module
 
     return ApiError(message, status=status, code=code, param=param)
 
@@ -76,18 +76,6 @@ def check_prompt_size(prompt: str | list[dict[str, str]], max_bytes: int) -> Non
     size = sum(len(text.encode("utf-8", errors="surrogatepass")) for text in texts)
     if size > max_bytes:
         raise api_error(f"the prompt is {size} bytes; this server takes at most {max_bytes} (--max-prompt-bytes)", 413, "prompt_too_large", "prompt")
-
-
-def reject_knobs_without_method(options: Any) -> None:
-    """Method knobs without a method would silently run the default: a 400 naming them."""
-    if options is None or options.method is not None:
-        return
-    stray = [f"speculative.{name}" for name in ("lenience", "rule", "threshold", "low_weight") if getattr(options, name, None) is not None]
-    if stray:
-        raise api_error(
-            f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply without speculative.method "
-            "(lenience belongs to lenient or cascade, rule to cascade, threshold and low_weight to klgate or entgate)", 400, "misplaced_parameter", stray[0],
-        )
 
 
 def finite(value: Any) -> Any:
@@ -183,7 +171,7 @@ def raise_open_file_limit() -> int:
 def uvicorn_limits(max_connections: int, header_timeout: float = HEADER_TIMEOUT_S) -> dict[str, Any]:
     """uvicorn.run keyword arguments: timeouts, a connection limit within the fd limit, header size."""
     if max_connections < 1 or header_timeout <= 0:
-        from .errors import UserInputError
+        from ..errors import UserInputError
 
         raise UserInputError(f"--max-connections must be >= 1 and --header-timeout > 0, got {max_connections} and {header_timeout:g}")
     open_files = raise_open_file_limit()

@@ -1,0 +1,125 @@
+"""`diversed eval` and `diversed pareto` (docs/evaluation.md): thin over diversed.evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UserInputError
+from ..evaluate import (DEFAULT_WEIGHTS, FRONT_JSON, FRONT_PLOT, SUMMARY_JSON, EvalSettings, check_settings, plot_front,
+                        run_eval, summary_markdown, theoretical_front)
+from ..generation import MethodSpec, check_spec
+from ..methods import METHODS, spec_syntax
+from ..models import DEFAULT_DRAFT, DEFAULT_TARGET
+from ..sampling import SamplingParams
+from ..sandbox import require_isolation
+from ..tasks import TASKS, Example, Task, get_task
+
+
+def _parse_methods(text: str) -> list[MethodSpec]:
+    """Method specs, validated (knobs, head files) before any model loads."""
+    specs = [MethodSpec.parse(part) for part in text.split(",") if part.strip()]
+    if not specs:
+        raise UserInputError("--methods is empty")
+    for spec in specs:
+        check_spec(spec)
+    return specs
+
+
+def _parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserInputError(f"--weights must be numbers separated by commas, got {text!r}") from None
+    if not weights or any(not 0 <= w <= 1 for w in weights):
+        raise UserInputError(f"--weights must be in [0, 1], got {text!r}")
+    return weights
+
+
+def _load(task_name: str, split: str, n: int | None, data_dir: str | None) -> tuple[Task, list[Example]]:
+    task = get_task(task_name)
+    return task, task.load(split, n, data_dir)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..cli import NGRAM, config_from_args, pair_from_args, resolve_backend
+
+    task, examples = _load(args.task, args.split, args.n, args.data_dir)
+    if task.metric_name == "pass@1":
+        require_isolation(args.unsafe_sandbox)  # before anything runs model-written code
+    specs = _parse_methods(args.methods)
+    config = config_from_args(args)  # validates the sampling options before the models load
+    target, draft = args.target or DEFAULT_TARGET.name, NGRAM if args.draft == NGRAM else args.draft or DEFAULT_DRAFT.name
+    settings = EvalSettings(
+        task=task.name, split=args.split, target=target, draft=draft,
+        dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        draft_length=config.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
+        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=resolve_backend(args), proposer=config.proposer,
+    )
+    out_dir = Path(args.out)
+    check_settings(out_dir, settings)  # fail before the (slow) model load
+    pair = pair_from_args(args, needs_draft=any(spec.method != "ar" for spec in specs))
+    summary = run_eval(pair, task, examples, specs, settings, out_dir)
+    print(summary_markdown(summary))
+    print(f"rows, summary and plot in {out_dir}/", file=sys.stderr)
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from ..cli import pair_from_args
+
+    task, examples = _load(args.task, args.split, args.n, args.data_dir)
+    weights = _parse_weights(args.weights)
+    params = SamplingParams(args.temperature, args.top_k, args.top_p)
+    pair = pair_from_args(args)
+    front = theoretical_front(pair, task, examples, params, weights, raw=args.raw)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / FRONT_JSON).write_text(json.dumps(front, indent=2) + "\n")
+    summary_path = out_dir / SUMMARY_JSON
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if summary is not None and summary.get("task") != task.name:
+        print(f"note: {summary_path} is for task {summary.get('task')}; not plotting its points", file=sys.stderr)
+        summary = None
+    plot_front(front, out_dir / FRONT_PLOT, summary)
+    print(f"mean TV(p, q) = {front['mean_tv']:.4f} over {front['positions']} positions of {front['n_examples']} examples")
+    for point in front["front"]:
+        print(f"w={point['w']:<5g} rejection {point['rejection']:.4f}  bias {point['bias']:.4f}")
+    print(f"front in {out_dir / FRONT_JSON} and {out_dir / FRONT_PLOT}", file=sys.stderr)
+    return 0
+
+
+def _add_task_args(parser: argparse.ArgumentParser, default_n: int) -> None:
+    group = parser.add_argument_group("task")
+    group.add_argument("--task", required=True, choices=list(TASKS), help="benchmark (see docs/evaluation.md)")
+    group.add_argument("--split", default="test", help="data split (default test)")
+    group.add_argument("--n", type=int, default=default_n, help=f"first N examples of the split (default {default_n})")
+    group.add_argument("--data-dir", help="folder with the task's JSONL files (default: $DIVERSED_DATA_DIR)")
+    group.add_argument("--raw", action="store_true", help="plain-completion prompts instead of the chat template")
+    group.add_argument("--out", required=True, help="output folder (rows, summary, plots); an eval run there resumes")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `eval` and `pareto` to the `diversed` command line."""
+    from ..cli import add_model_args, add_sampling_args
+
+    ev = subparsers.add_parser("eval", help="compare decoding methods on a task: quality, acceptance, speed")
+    _add_task_args(ev, default_n=50)
+    ev.add_argument("--methods", default="ar,exact,static:0.9,static:0.7", help=f"comma-separated: {', '.join(spec_syntax(m) for m in METHODS)}; trailing knobs may be left out (default %(default)s)")
+    add_model_args(ev)
+    add_sampling_args(ev)
+    ev.add_argument("--unsafe-sandbox", action="store_true", help="run model-written code even where the sandbox cannot isolate it (docs/evaluation.md)")
+    # A fixed N by default: rows of different methods then compare at the same draft length.
+    ev.set_defaults(handler=cmd_eval, max_new_tokens=256, seed=0, draft_length=5)
+
+    pa = subparsers.add_parser("pareto", help="exact rejection/bias front of the static ensemble on reference texts")
+    _add_task_args(pa, default_n=50)
+    pa.add_argument("--weights", default=",".join(f"{w:g}" for w in DEFAULT_WEIGHTS), help="target weights w (default 0,0.1,...,1)")
+    add_model_args(pa)
+    group = pa.add_argument_group("distributions (processed as when decoding)")
+    group.add_argument("--temperature", "-T", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--top-p", type=float, default=1.0)
+    pa.set_defaults(handler=cmd_pareto)

@@ -1,0 +1,65 @@
+"""`diversed mine` (docs/mining.md): thin over diversed.mining."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UserInputError
+from ..mining import MineSettings, check_settings, run_mining
+from ..models import DEFAULT_DRAFT, DEFAULT_TARGET
+from ..tasks import TASKS, get_task
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from ..cli import pair_from_args, resolve_backend
+
+    if args.max_counterfactuals < 0:
+        raise UserInputError(f"--max-counterfactuals must be >= 0, got {args.max_counterfactuals}")
+    if args.max_likelihood_labels is not None and args.max_likelihood_labels < 0:
+        raise UserInputError(f"--max-likelihood-labels must be >= 0, got {args.max_likelihood_labels}")
+    if args.max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    task = get_task(args.task)
+    examples = task.load(args.split, args.n, args.data_dir)
+    settings = MineSettings(
+        task=task.name, split=args.split, target=args.target or DEFAULT_TARGET.name, draft=args.draft or DEFAULT_DRAFT.name,
+        dtype=args.dtype, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        max_counterfactuals=args.max_counterfactuals, seed=args.seed, max_likelihood_labels=args.max_likelihood_labels,
+        control=args.control, raw=args.raw, save_hidden=args.save_hidden,
+        prompt_version=task.prompt_version, backend=resolve_backend(args),
+    )
+    settings.sampling  # validates the temperature before the (slow) model load
+    out_dir = Path(args.out)
+    check_settings(out_dir, settings)
+    pair = pair_from_args(args)
+    cost = run_mining(pair, task, examples, settings, out_dir)
+    print(json.dumps(cost, indent=2))
+    print(f"records and cost in {out_dir}/", file=sys.stderr)
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `mine` to the `diversed` command line."""
+    from ..cli import add_model_args
+
+    mine = subparsers.add_parser("mine", help="per-position features and mismatch labels on target completions (issue 15)")
+    group = mine.add_argument_group("problems")
+    group.add_argument("--task", required=True, choices=list(TASKS), help="benchmark (gsm8k, mbpp, xsum have train splits)")
+    group.add_argument("--split", default="train", help="data split (default train)")
+    group.add_argument("--n", type=int, default=100, help="first N problems of the split (default 100)")
+    group.add_argument("--data-dir", help="folder with the task's JSONL files (default: $DIVERSED_DATA_DIR)")
+    group.add_argument("--raw", action="store_true", help="plain-completion prompts instead of the chat template")
+    group.add_argument("--out", required=True, help="output folder; a run there resumes")
+    group = mine.add_argument_group("mining")
+    group.add_argument("--temperature", "-T", type=float, default=1.0, help="target sampling temperature for completions and features (default 1.0)")
+    group.add_argument("--max-new-tokens", type=int, default=256, help="completion length budget, also for counterfactuals (default 256)")
+    group.add_argument("--max-counterfactuals", type=int, default=8, help="counterfactual labels per problem, a seeded random subset of its mismatches (default 8)")
+    group.add_argument("--max-likelihood-labels", type=int, help="likelihood labels per problem (default: every mismatch); always covers the counterfactual positions")
+    group.add_argument("--control", action="store_true", help="also continue greedily from the original token at each counterfactual position (doubles their cost)")
+    group.add_argument("--seed", type=int, default=0, help="base seed for completions and the counterfactual subset (default 0)")
+    group.add_argument("--save-hidden", action="store_true", help="also keep the raw hidden states (float16 safetensors per problem under hidden/)")
+    add_model_args(mine)
+    mine.set_defaults(handler=cmd_mine)
