@@ -89,13 +89,15 @@ def test_diversed_with_ngram_is_refused(tiny_pair, tmp_path):
         GenerationConfig(proposer="medusa")
 
 
-def test_cli_draft_ngram(tiny_model_dirs, tmp_path):
+def test_cli_draft_ngram(tiny_model_dirs, tiny_pair, tmp_path):
+    from diversed.head import EnsembleHead, HeadConfig
+
     target = str(tiny_model_dirs[0])
     base = [sys.executable, "-m", "diversed.cli", "generate", "abcabcabc", "--raw", "--target", target, "--draft", "ngram",
             "--max-new-tokens", "16", "--draft-length", "3", "--seed", "0"]
     done = subprocess.run([*base, "--method", "exact", "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["token_ids"]) <= 16
-    head = tmp_path / "h"
+    head = EnsembleHead(HeadConfig(tiny_pair.signature())).save(tmp_path / "h").with_suffix("")
     refused = subprocess.run([*base, "--method", "diversed", "--head", str(head)], capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "error:" in refused.stderr
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "ngram" in refused.stderr

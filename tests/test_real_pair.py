@@ -34,7 +34,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def pair_fp32():
-    return load_pair(dtype="float32")
+    return load_pair(dtype="float32", backend="torch")
 
 
 @pytest.mark.ci
@@ -111,15 +111,20 @@ def test_kv_rollback_on_the_real_pair(pair_fp32):
 
 @pytest.mark.ci
 def test_cli_generate_json_on_the_default_pair():
-    """The README's main command, as a user runs it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "diversed.cli", "generate", "Say hello in French.", "--max-new-tokens", "16", "--seed", "0", "--json"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    """The README's main command, as a user runs it (auto backend, auto draft length), and the
+    same with a fixed N, which must speculate."""
+    command = [sys.executable, "-m", "diversed.cli", "generate", "Say hello in French.", "--max-new-tokens", "16", "--seed", "0", "--json"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["text"].strip() and len(data["token_ids"]) <= 16
-    assert data["metrics"]["drafted"] > 0 and 0 <= data["metrics"]["acceptance_rate"] <= 1
+    assert data["backend"] in ("torch", "llama.cpp") and data["backend_reason"].startswith("auto:")
+    assert data["metrics"]["rounds"] >= 1 and data["metrics"]["other_seconds"] >= 0
+    fixed = subprocess.run([*command, "--draft-length", "5"], capture_output=True, text=True, timeout=900, env=env)
+    assert fixed.returncode == 0, fixed.stderr
+    metrics = json.loads(fixed.stdout)["metrics"]
+    assert metrics["drafted"] > 0 and 0 <= metrics["acceptance_rate"] <= 1
 
 
 @pytest.mark.ci

@@ -145,6 +145,8 @@ def summary_line(result) -> str:
             f"mean accepted length {m.mean_accepted_length:.2f}",
             f"estimated bias {m.estimated_bias:.3f}",
         ]
+    elif result.method != "ar":
+        parts.append("acceptance – (nothing drafted: the draft-length rule found target steps faster here; see --verbose)")
     if m.rounds:
         parts.append(f"{m.rounds} rounds, {m.drafted / m.rounds:.1f} drafted per round")
     return "[" + " · ".join(parts) + "]"

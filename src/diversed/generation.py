@@ -59,10 +59,15 @@ def _needs_head(spec: MethodSpec) -> bool:
     return spec.method in VERIFIERS and HEAD in VERIFIERS[spec.method].needs
 
 
+_NO_HIDDEN_WITH_NGRAM = "--method {method} needs the draft model's hidden states; prompt-lookup drafting (--draft ngram) has none"
+
+
 def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = "model") -> Verifier | None:
     """The verifier for a method spec (None for `ar`), loading and checking a head if needed."""
     if spec.method != "ar" and proposer == "model" and pair.draft is None:
         raise UserInputError(f"--method {spec.method} needs a draft model (or --draft ngram)")
+    if proposer == "ngram" and _needs_head(spec):
+        raise UserInputError(_NO_HIDDEN_WITH_NGRAM.format(method=spec.method))
     head = load_head(spec.head, pair.signature()).to(pair.device) if _needs_head(spec) and spec.head else None
     return make_verifier(spec.method, head=head, **spec.verifier_knobs())
 
@@ -73,7 +78,7 @@ def make_proposer(pair: ModelPair, verifier: Verifier | None, config: Generation
         return None
     if config.proposer == "ngram":
         if verifier.needs_hidden_states:
-            raise UserInputError(f"--method {verifier.name} needs the draft model's hidden states; prompt-lookup drafting (--draft ngram) has none")
+            raise UserInputError(_NO_HIDDEN_WITH_NGRAM.format(method=verifier.name))
         return NgramProposer(device=pair.device)
     if pair.draft is None:
         raise UserInputError(f"--method {verifier.name} needs a draft model (or --draft ngram)")
