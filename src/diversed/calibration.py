@@ -160,10 +160,13 @@ def choose_backend(target: str, draft: str | None, dtype: str, device: str) -> t
 
     if resolve_device(device).type != "cpu":
         return "torch", f"auto: torch on {device}"
+    from .errors import UserInputError
+    from .runners.llamacpp import import_llama_cpp
+
     try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return "torch", "auto: torch (llama-cpp-python is not installed)"
+        import_llama_cpp()
+    except UserInputError as exc:
+        return "torch", f"auto: torch ({str(exc).split(';')[0]})"
     if any(gguf_path(spec) is None for spec in (target, draft) if spec is not None):
         return "torch", "auto: torch (the pair has no GGUF files for llama.cpp)"
     seconds = {}

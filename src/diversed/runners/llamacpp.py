@@ -27,12 +27,13 @@ DEFAULT_CONTEXT = 4096  # KV-cache positions per context (prompt + generation)
 
 
 def import_llama_cpp() -> Any:
-    """llama_cpp, or a one-line error saying how to get it."""
+    """llama_cpp, or a one-line error saying why it cannot be used and how to get it."""
     try:
         import llama_cpp
-    except ImportError:
+    except ImportError as exc:
+        missing = "is not installed" if exc.name == "llama_cpp" else f"cannot be imported ({exc})"
         raise UserInputError(
-            "the llama.cpp backend needs llama-cpp-python, which is not installed; run scripts/setup.sh "
+            f"the llama.cpp backend needs llama-cpp-python, which {missing}; run scripts/setup.sh "
             "(it builds it from source) or use --backend torch"
         ) from None
     return llama_cpp
