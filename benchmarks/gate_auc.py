@@ -32,23 +32,10 @@ from typing import Any
 import numpy as np
 
 from diversed.errors import UserInputError
-from diversed.mining import TOKEN_CLASSES, load_positions
+from diversed.features import LOG1P_FEATURES
+from diversed.mining import DEFAULT_DELTA, TOKEN_CLASSES, importance_labels as labels, load_positions
 
-LOG1P_FEATURES = ("kl_pq", "kl_qp", "log_margin_p")
-DEFAULT_DELTA = 2.0
 MIN_CLASS_COUNT = 2  # fewer held-out positives (or negatives) than this: the AUC is not reported
-
-
-def labels(arrays: dict[str, Any], name: str, delta: float) -> np.ndarray:
-    """[P] float: 1 important, 0 not, NaN where the position has no such label."""
-    if name == "flip":
-        return arrays["cf_flip"].astype(float)
-    if name == "flip_vs_control":
-        return arrays["cf_flip_vs_control"].astype(float)
-    if name == "lldrop":
-        drop = -arrays["ll_delta"]
-        return np.where(np.isnan(drop), np.nan, (drop > delta).astype(float))
-    raise UserInputError(f"unknown label {name!r}; choose flip, flip_vs_control or lldrop")
 
 
 def scalar_matrix(arrays: dict[str, Any]) -> tuple[np.ndarray, list[str]]:

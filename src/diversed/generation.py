@@ -19,6 +19,7 @@ from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLeng
 from .engine import AUTO, GenerationConfig, decode
 from .errors import UserInputError
 from .head import load_head, resolve_head_path
+from .judge import JudgeHead
 from .methods import MethodSpec, check_complete, make_verifier
 from .metrics import Metrics
 from .models import ModelPair
@@ -69,6 +70,9 @@ def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = "model") -
     if proposer == "ngram" and _needs_head(spec):
         raise UserInputError(_NO_HIDDEN_WITH_NGRAM.format(method=spec.method))
     head = load_head(spec.head, pair.signature()).to(pair.device) if _needs_head(spec) and spec.head else None
+    if head is not None and (spec.method == "judge") != isinstance(head, JudgeHead):
+        kind = "a judge head" if isinstance(head, JudgeHead) else "an ensemble head"
+        raise UserInputError(f"{spec.head!r} is {kind}; use {'judge' if isinstance(head, JudgeHead) else 'diversed'}:{spec.head}")
     return make_verifier(spec.method, head=head, **spec.verifier_knobs())
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import HeadMismatchError, UserInputError
+
+if TYPE_CHECKING:
+    from .judge import JudgeHead
 
 TARGET = 1  # index of the target's logit in the head's 2-way softmax (index 0 is the draft)
 SHIPPED_HEADS_DIR = Path(__file__).parent / "heads"
@@ -85,7 +88,7 @@ def resolve_head_path(name_or_path: str | Path) -> Path:
     if shipped.with_suffix(".json").is_file():
         return shipped
     names = ", ".join(shipped_head_names()) or "none"
-    raise UserInputError(f"no ensemble head at {name_or_path!r} (expected NAME.json + NAME.safetensors); shipped heads: {names}")
+    raise UserInputError(f"no head at {name_or_path!r} (expected NAME.json, + NAME.safetensors for an ensemble head); shipped heads: {names}")
 
 
 def shipped_head_names() -> list[str]:
@@ -94,13 +97,23 @@ def shipped_head_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_HEADS_DIR.glob("*.json"))
 
 
-def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> EnsembleHead:
-    """Load a head; with `pair`, refuse one trained for a different pair."""
+def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> "EnsembleHead | JudgeHead":
+    """Load an ensemble head or a judge head (judge.py); with `pair`, refuse one made for a different pair."""
     base = resolve_head_path(name_or_path)
     try:
         meta = json.loads(base.with_suffix(".json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{base.with_suffix('.json')} is not a head config: {exc}") from None
+    from .judge import JudgeHead, is_judge_meta  # judge heads: one JSON file of a few numbers
+
+    if isinstance(meta, dict) and is_judge_meta(meta):
+        judge = JudgeHead.from_meta(meta, str(base))
+        if pair is not None:
+            judge.check_pair(pair.target, pair.draft, str(base))
+        return judge
+    try:
         head_pair = PairSignature(**meta.pop("pair"))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (AttributeError, KeyError, TypeError) as exc:
         raise UserInputError(f"{base.with_suffix('.json')} is not an ensemble-head config: {exc}") from None
     meta.pop("format", None)
     if pair is not None and head_pair != pair:

@@ -24,6 +24,7 @@ import torch
 
 from .errors import UserInputError
 from .knobs import Knob
+from . import judge as _judge  # noqa: F401 (registers the `judge` method beside verifiers.py's)
 from .verifiers import DRAFT_PROBS, HEAD, HIDDEN_STATES, VERIFIERS, Verifier
 
 AR = "ar"  # the target alone, one token per forward: the one method without a verifier

@@ -38,32 +38,21 @@ import numpy as np
 import torch
 
 from .engine import GenerationConfig
+from .features import FEATURES, position_features  # noqa: F401 (FEATURES: part of the record schema)
 from .errors import UserInputError
 from .evaluate import encodable_examples, example_seed, teacher_forced
 from .generation import MethodSpec, first_stop, generate
 from .models import ModelPair
+from .runners.base import ModelRunner
 from .run_files import RunSettings, atomic_write_text, read_rows
 from .run_files import check_settings as check_recorded_settings
-from .sampling import SamplingParams, entropy, kl_divergence, total_variation
+from .sampling import SamplingParams, logits_to_probs
 from .tasks import Example, Task
 
 RECORDS_FILE = "records.jsonl"
 SETTINGS_FILE = "settings.json"
 COST_FILE = "cost.json"
 
-# Scalar per-position statistics, in this order everywhere (records, arrays, gate tables).
-FEATURES = (
-    "tv",  # TV(p, q)
-    "kl_pq",  # KL(p || q), nats
-    "kl_qp",  # KL(q || p), nats
-    "entropy_p",  # H(p), nats
-    "entropy_q",  # H(q), nats
-    "max_p",
-    "max_q",
-    "p_draft_token",  # p(argmax q)
-    "q_target_token",  # q(y_t), y_t the completion's token
-    "log_margin_p",  # log p(top1) - log p(top2) of the target: the margin ratio, as a log
-)
 TOKEN_CLASSES = ("digit", "operator", "identifier", "whitespace", "other")
 OPERATOR_CHARS = set("+-*/=<>%^&|!~()[]{}.,:;")
 
@@ -108,25 +97,6 @@ class MineSettings(RunSettings):
 # ----------------------------------------------------------------------------- features
 
 
-def position_features(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """FEATURES at each position. p, q: [T, V]; tokens: [T] the completion's tokens -> name: [T]."""
-    draft_tokens = q.argmax(-1)  # [T]
-    top2 = p.topk(2, dim=-1).values  # [T, 2]
-    tiny = torch.finfo(p.dtype).tiny
-    return {
-        "tv": total_variation(p, q),
-        "kl_pq": kl_divergence(p, q),
-        "kl_qp": kl_divergence(q, p),
-        "entropy_p": entropy(p),
-        "entropy_q": entropy(q),
-        "max_p": p.amax(-1),
-        "max_q": q.amax(-1),
-        "p_draft_token": p.gather(-1, draft_tokens[:, None])[:, 0],
-        "q_target_token": q.gather(-1, tokens[:, None])[:, 0],
-        "log_margin_p": top2[:, 0].clamp_min(tiny).log() - top2[:, 1].clamp_min(tiny).log(),
-    }
-
-
 def token_class(text: str) -> int:
     """Index into TOKEN_CLASSES of one decoded token."""
     stripped = text.strip()
@@ -160,18 +130,22 @@ def _suffix_loglik(p: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
     return p.gather(-1, index)[:, 0].clamp_min(torch.finfo(p.dtype).tiny).log()
 
 
-def likelihood_label(pair: ModelPair, prompt_ids: list[int], completion: list[int], t: int, draft_token: int,
-                     original_loglik: torch.Tensor) -> tuple[float, float]:
+def likelihood_label(target: ModelRunner, vocab_size: int, prompt_ids: list[int], completion: list[int], t: int,
+                     draft_token: int, original_loglik: torch.Tensor) -> tuple[float, float]:
     """(full-suffix, first-LL_WINDOW) change in the target's log-likelihood of y_{>t} when y_t -> d_t.
 
+    target: a runner holding the prompt but its last token (kept between labels, so a label
+    costs one pass over the completion, not over the prompt again).
     original_loglik: [T] log p(y_j | y_{<j}) of the unchanged completion under the plain softmax.
     """
     suffix = completion[t + 1 :]
     if not suffix:
         return 0.0, 0.0
     substituted = completion[:t] + [draft_token] + suffix
-    _, (p, _) = teacher_forced(pair, prompt_ids, substituted, SamplingParams())  # p: [T, V]
-    changed = _suffix_loglik(p[t + 1 :], suffix) - original_loglik[t + 1 :]  # [T - t - 1]
+    target.rollback(len(prompt_ids) - 1)
+    logits, _ = target.feed([prompt_ids[-1]] + substituted[:-1], len(suffix))  # [T - t - 1, V]: predictions of the suffix
+    p = logits_to_probs(logits[:, :vocab_size], SamplingParams()).cpu()
+    changed = _suffix_loglik(p, suffix) - original_loglik[t + 1 :]  # [T - t - 1]
     return float(changed.sum()), float(changed[:LL_WINDOW].sum())
 
 
@@ -272,9 +246,12 @@ def _likelihood_labels(pair, prompt_ids, completion, p, positions, draft_tokens,
         _, (plain_p, _) = teacher_forced(pair, prompt_ids, completion, SamplingParams())
     original_loglik = _suffix_loglik(plain_p, completion)  # [T]
     labels: dict[str, list] = {"position": [], "ll_delta": [], "ll_delta_window": [], "seconds": []}
+    target = pair.runner("target")
+    if positions:
+        target.feed(prompt_ids[:-1], 0)
     for t in positions:
         one = time.perf_counter()
-        full, window = likelihood_label(pair, prompt_ids, completion, t, int(draft_tokens[t]), original_loglik)
+        full, window = likelihood_label(target, pair.vocab_size, prompt_ids, completion, t, int(draft_tokens[t]), original_loglik)
         labels["position"].append(t)
         labels["ll_delta"].append(round(full, 5))
         labels["ll_delta_window"].append(round(window, 5))
@@ -435,3 +412,22 @@ def load_positions(out_dir: str | Path) -> dict[str, Any]:
     arrays["problem_ids"] = problem_ids
     arrays["feature_names"] = list(FEATURES)
     return arrays
+
+
+# An lldrop label: substituting the draft token makes the original rest e^2 ≈ 7 times less likely.
+DEFAULT_DELTA = 2.0
+
+
+def importance_labels(arrays: dict[str, Any], name: str, delta: float) -> np.ndarray:
+    """[P] float: 1 important, 0 not, NaN where the position has no such label (docs/mining.md).
+
+    flip / flip_vs_control: the counterfactual changed the outcome; lldrop: ll_delta < -delta nats.
+    """
+    if name == "flip":
+        return arrays["cf_flip"].astype(float)
+    if name == "flip_vs_control":
+        return arrays["cf_flip_vs_control"].astype(float)
+    if name == "lldrop":
+        drop = -arrays["ll_delta"]
+        return np.where(np.isnan(drop), np.nan, (drop > delta).astype(float))
+    raise UserInputError(f"unknown label {name!r}; choose flip, flip_vs_control or lldrop")

@@ -38,6 +38,16 @@ def _parse_weights(text: str) -> list[float]:
     return weights
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
 def _load(task_name: str, split: str, n: int | None, data_dir: str | None) -> tuple[Task, list[Example]]:
     task = get_task(task_name)
     return task, task.load(split, n, data_dir)
@@ -61,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     check_settings(out_dir, settings)  # fail before the (slow) model load
     pair = pair_from_args(args, needs_draft=any(spec.method != "ar" for spec in specs))
-    summary = run_eval(pair, task, examples, specs, settings, out_dir)
+    summary = run_eval(pair, task, examples, specs, settings, out_dir, lockstep=args.lockstep)
     print(summary_markdown(summary))
     print(f"rows, summary and plot in {out_dir}/", file=sys.stderr)
     return 0
@@ -111,6 +121,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(ev)
     add_sampling_args(ev)
     ev.add_argument("--unsafe-sandbox", action="store_true", help="run model-written code even where the sandbox cannot isolate it (docs/evaluation.md)")
+    ev.add_argument("--lockstep", type=_positive_int, nargs="?", const=16, metavar="BATCH",
+                    help="generate BATCH rows (default 16) at a time in lockstep: the engine's law and counts, several times faster, no timing (torch, T > 0, fixed N; docs/evaluation.md)")
     # A fixed N by default: rows of different methods then compare at the same draft length.
     ev.set_defaults(handler=cmd_eval, max_new_tokens=256, seed=0, draft_length=5)
 

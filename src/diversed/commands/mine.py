@@ -41,8 +41,35 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_judge(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..features import FEATURES
+    from ..judge import fit_judge
+    from ..mining import SETTINGS_FILE, importance_labels, load_positions
+
+    features = tuple(name.strip() for name in args.features.split(",") if name.strip()) if args.features else FEATURES
+    unknown = [name for name in features if name not in FEATURES]
+    if unknown:
+        raise UserInputError(f"unknown features {unknown}; choose from {', '.join(FEATURES)}")
+    arrays = load_positions(args.records)
+    mined = json.loads((Path(args.records) / SETTINGS_FILE).read_text())
+    y = importance_labels(arrays, args.label, args.delta)
+    labelled = ~np.isnan(y)
+    columns = [arrays["feature_names"].index(name) for name in features]
+    x = arrays["features"][labelled][:, columns]  # [L, F]
+    extra = {"label": args.label, "delta": args.delta if args.label == "lldrop" else None, "records": str(args.records),
+             "task": mined.get("task"), "problems": len(arrays["problem_ids"]), "positions": int(labelled.sum()),
+             "important": int(y[labelled].sum()), "mined_backend": mined.get("backend"), "mined_temperature": mined.get("temperature")}
+    head = fit_judge(x, y[labelled], features, mined["target"], mined["draft"], extra)
+    path = head.save(args.out)
+    print(json.dumps({"head": str(path), **extra, "coef": dict(zip(features, head.coef))}, indent=2))
+    print(f"use it as --methods judge:{path}:TAU (TAU: threshold on P(important), default 0.5)", file=sys.stderr)
+    return 0
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `mine` to the `diversed` command line."""
+    """Add `mine` and `fit-judge` to the `diversed` command line."""
     from ..cli import add_model_args
 
     mine = subparsers.add_parser("mine", help="per-position features and mismatch labels on target completions (issue 15)")
@@ -63,3 +90,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--save-hidden", action="store_true", help="also keep the raw hidden states (float16 safetensors per problem under hidden/)")
     add_model_args(mine)
     mine.set_defaults(handler=cmd_mine)
+
+    fit = subparsers.add_parser("fit-judge", help="fit a judge head (P(important) from per-position statistics) on mined labels")
+    fit.add_argument("--records", required=True, help="a `diversed mine --out` folder")
+    fit.add_argument("--label", default="lldrop", choices=("lldrop", "flip", "flip_vs_control"), help="what counts as important (default lldrop; docs/mining.md)")
+    fit.add_argument("--delta", type=float, default=2.0, help="lldrop: a log-likelihood drop above this many nats is important (default 2)")
+    fit.add_argument("--features", help="comma-separated subset of the mined statistics (default: all)")
+    fit.add_argument("--out", required=True, help="where to write the head (a .json file)")
+    fit.set_defaults(handler=cmd_fit_judge)

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..calibration import measure_seconds
 from ..engine import GenerationConfig
@@ -25,6 +25,7 @@ from ..run_files import RunSettings, locked_folder, read_rows
 from ..sampling import SamplingParams, derived_seed
 from ..sandbox import is_isolated, unisolated_allowed
 from ..tasks import Example, Task, get_task
+from .lockstep import LockstepRow, check_lockstep, lockstep_generate
 from .plots import plot_eval
 from .summary import add_efficiency, summarize, write_summary
 
@@ -98,11 +99,13 @@ def run_eval(
     out_dir: str | Path,
     *,
     progress: bool | None = None,
+    lockstep: int | None = None,
 ) -> dict[str, Any]:
     """Run each method on each example (resuming from `out_dir`), then summarize and plot.
 
     Methods run example by example (all methods on example 1, then example 2, ...), so load on
-    a shared machine affects them alike. Returns the summary (also in summary.json). The folder
+    a shared machine affects them alike. `lockstep=B` generates B rows at a time in lockstep
+    (evaluate/lockstep.py): the same law and counts, several times the throughput, no timing. Returns the summary (also in summary.json). The folder
     is locked for the run, so a second run there stops with an error instead of interleaving.
     """
     out_dir = Path(out_dir)
@@ -110,10 +113,10 @@ def run_eval(
     if len(set(labels)) != len(labels):
         raise UserInputError(f"--methods names a method twice: {', '.join(labels)}")
     with locked_folder(out_dir):
-        return _run_eval_locked(pair, task, examples, specs, settings, out_dir, labels, progress)
+        return _run_eval_locked(pair, task, examples, specs, settings, out_dir, labels, progress, lockstep)
 
 
-def _run_eval_locked(pair, task, examples, specs, settings, out_dir: Path, labels: list[str], progress: bool | None) -> dict[str, Any]:
+def _run_eval_locked(pair, task, examples, specs, settings, out_dir: Path, labels: list[str], progress: bool | None, lockstep: int | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     check_settings(out_dir, settings)
@@ -125,11 +128,15 @@ def _run_eval_locked(pair, task, examples, specs, settings, out_dir: Path, label
         print(f"note: skipping {len(skipped)} example(s) whose prompt does not fit the context window: {', '.join(skipped[:5])}", file=sys.stderr)
     todo = [(example, ids, spec) for example, ids in prompts for spec in specs if (example.id, spec.label) not in done]
     verifiers = {spec.label: build_verifier(pair, spec, settings.proposer) for spec in specs}
-    if todo:
-        _warm_up(pair, prompts[0][1], specs, verifiers, settings)
+    if lockstep is not None:
+        check_lockstep(pair, settings.generation_config(task, ""))
+        rows = _lockstep_rows(pair, task, todo, verifiers, settings, lockstep)
+    else:
+        if todo:
+            _warm_up(pair, prompts[0][1], specs, verifiers, settings)
+        rows = (_evaluate_one(pair, task, example, ids, spec, verifiers[spec.label], settings) for example, ids, spec in todo)
     with open(rows_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc=f"eval {task.name}", unit="gen", file=sys.stderr, disable=None if progress is None else not progress) as bar:
-        for example, ids, spec in todo:
-            row = _evaluate_one(pair, task, example, ids, spec, verifiers[spec.label], settings)
+        for row in rows:
             out.write(json.dumps(row) + "\n")
             out.flush()
             bar.update()
@@ -154,11 +161,22 @@ def _warm_up(pair: ModelPair, prompt_ids: list[int], specs: Sequence[MethodSpec]
 
 def _evaluate_one(pair: ModelPair, task: Task, example: Example, prompt_ids: list[int], spec: MethodSpec, verifier, settings: EvalSettings) -> dict[str, Any]:
     config = settings.generation_config(task, example.id)
-    result = generate(pair, prompt_ids, spec, config, verifier=verifier)
+    return _row(task, example, spec, config.seed, generate(pair, prompt_ids, spec, config, verifier=verifier))
+
+
+def _lockstep_rows(pair: ModelPair, task: Task, todo, verifiers: dict, settings: EvalSettings, batch_size: int) -> Iterator[dict[str, Any]]:
+    """The rows of `todo`, generated in lockstep batches; a row per (example, method), marked `lockstep`."""
+    rows = [LockstepRow((example, spec), tuple(ids), verifiers[spec.label], spec.label, example_seed(settings.seed, example.id)) for example, ids, spec in todo]
+    for row, result in lockstep_generate(pair, rows, settings.generation_config(task, ""), batch_size=batch_size):
+        example, spec = row.key
+        yield _row(task, example, spec, row.seed, result) | {"lockstep": True}
+
+
+def _row(task: Task, example: Example, spec: MethodSpec, seed: int, result) -> dict[str, Any]:
     return {
         "example_id": example.id,
         "method": spec.label,
-        "seed": config.seed,
+        "seed": seed,
         "completion": result.text,
         "score": task.score(example, result.text),
         "finish_reason": result.finish_reason,

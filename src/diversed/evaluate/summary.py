@@ -55,7 +55,9 @@ def mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000)
 def summarize(task: Task, examples: Sequence[Example], labels: Sequence[str], rows: Sequence[dict[str, Any]], settings: "EvalSettings") -> dict[str, Any]:
     """Per-method quality (with 95% CI), pooled docs/method.md §6 metrics and speedup vs `ar`."""
     by_key = {(row["example_id"], row["method"]): row for row in rows}
-    ar_seconds = {example.id: by_key[(example.id, "ar")]["metrics"]["seconds"] for example in examples if (example.id, "ar") in by_key}
+    # Lockstep rows (evaluate/lockstep.py) have no timing: they take no part in speedups.
+    ar_seconds = {example.id: by_key[(example.id, "ar")]["metrics"]["seconds"] for example in examples
+                  if (example.id, "ar") in by_key and not by_key[(example.id, "ar")].get("lockstep")}
     methods = []
     for label in labels:
         chosen = [(example, by_key[(example.id, label)]) for example in examples if (example.id, label) in by_key]
@@ -75,7 +77,7 @@ def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], 
     pooled = functools.reduce(Metrics.merge, (Metrics.from_dict(row["metrics"]) for _, row in chosen), Metrics())
     n = len(chosen)
     verified, rejections = verified_positions(pooled)
-    common = [(row["metrics"]["seconds"], ar_seconds[example.id]) for example, row in chosen if example.id in ar_seconds]
+    common = [(row["metrics"]["seconds"], ar_seconds[example.id]) for example, row in chosen if example.id in ar_seconds and not row.get("lockstep")]
     method_seconds = sum(s for s, _ in common)
     corpus = task.corpus_score([e for e, _ in chosen], [row["completion"] for _, row in chosen]) if chosen else None
     return {
@@ -87,7 +89,7 @@ def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], 
         "acceptance_rate": pooled.acceptance_rate,
         "mean_accepted_length": pooled.mean_accepted_length,
         "tokens_per_second": pooled.tokens_per_second,
-        "seconds_per_example": pooled.seconds / n if n else None,
+        "seconds_per_example": pooled.seconds / n if n and pooled.seconds > 0 else None,
         "new_tokens_per_example": pooled.new_tokens / n if n else None,
         "speedup": sum(a for _, a in common) / method_seconds if common and method_seconds > 0 else None,
         "estimated_bias": pooled.estimated_bias / n if n else None,  # per sequence (docs/method.md §6)

@@ -47,3 +47,50 @@ class TorchRunner:
         extra = self.length - length
         if extra > 0:
             self.cache.crop(-extra)
+
+
+class TorchBatch:
+    """A causal LM decoding a left-padded batch with one KV cache; rows can leave the batch or be copied.
+
+    Batched decoding for training rollouts and lockstep evaluation (torch only).
+    """
+
+    def __init__(self, model: Any, vocab_size: int):
+        from transformers import DynamicCache
+
+        self.body = model.base_model  # the decoder stack without the LM head
+        self.lm_head = model.get_output_embeddings()
+        self.cache = DynamicCache(config=model.config)
+        self.vocab_size = vocab_size
+
+    def feed(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, positions: [A, L] appended to the cache; mask: [A, cached + L] (0 = padding).
+
+        -> logits [A, V] (float32) and last-layer hidden states [A, H] at each row's last position.
+        """
+        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True)
+        last = out.last_hidden_state[:, -1]  # [A, H]
+        return self.lm_head(last)[:, : self.vocab_size].float(), last
+
+    @staticmethod
+    def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts as one left-padded batch: ids, mask (0 = padding), positions, each [B, L].
+
+        Positions count from each prompt's first real token, so padding changes nothing.
+        """
+        longest = max(len(ids) for ids in prompts)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L] (id 0 under the mask)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L]
+        for b, prompt_ids in enumerate(prompts):
+            ids[b, longest - len(prompt_ids) :] = torch.tensor(list(prompt_ids))
+            mask[b, longest - len(prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]
+        return ids.to(device), mask.to(device), positions.to(device)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the cached rows `rows` [A'], in that order (an index may repeat: the row is copied)."""
+        self.cache.batch_select_indices(rows)
+
+    def repeat(self, repeats: int) -> None:
+        """Copy every cached row `repeats` times, copies next to each other: [A] -> [A * repeats]."""
+        self.cache.batch_repeat_interleave(repeats)

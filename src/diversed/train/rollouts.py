@@ -9,12 +9,13 @@ states are kept: p and q do not depend on the head, so the loss recomputed from 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from ..head import EnsembleHead
 from ..models import ModelPair
+from ..runners.hf import TorchBatch
 from ..sampling import SamplingParams, logits_to_probs, sample, total_variation
 from ..verifiers import DynamicEnsemble
 
@@ -49,35 +50,6 @@ def rollout(
     return rollout_batch(pair, head, [prompt_ids], max_new_tokens, params, generator)[0]
 
 
-class _BatchLM:
-    """A causal LM decoding a left-padded batch with one KV cache; rows can leave the batch."""
-
-    def __init__(self, model: Any, vocab_size: int):
-        from transformers import DynamicCache
-
-        self.body = model.base_model  # the decoder stack without the LM head
-        self.lm_head = model.get_output_embeddings()
-        self.cache = DynamicCache(config=model.config)
-        self.vocab_size = vocab_size
-
-    def feed(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids, positions: [A, L] appended to the cache; mask: [A, cached + L] (0 = padding).
-
-        -> logits [A, V] (float32) and last-layer hidden states [A, H] at each row's last position.
-        """
-        out = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True)
-        last = out.last_hidden_state[:, -1]  # [A, H]
-        return self.lm_head(last)[:, : self.vocab_size].float(), last
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop every batch row not in `rows` [A'] from the cache."""
-        self.cache.batch_select_indices(rows)
-
-    def repeat(self, repeats: int) -> None:
-        """Copy every cached row `repeats` times, copies next to each other: [A] -> [A * repeats]."""
-        self.cache.batch_repeat_interleave(repeats)
-
-
 def rollout_batch(
     pair: ModelPair,
     head: EnsembleHead,
@@ -104,20 +76,13 @@ def rollout_batch(
     model_device = pair.device
     eos = torch.tensor(sorted(pair.eos_token_ids), device=device)
     batch = len(prompts) * repeats
-    longest = max(len(ids) for ids in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L] left-padded (id 0 under the mask)
-    mask = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L]
-    for b, prompt_ids in enumerate(prompts):
-        ids[b, longest - len(prompt_ids) :] = torch.tensor(prompt_ids)
-        mask[b, longest - len(prompt_ids) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]
-    ids, mask, positions = ids.to(model_device), mask.to(model_device), positions.to(model_device)
+    ids, mask, positions = TorchBatch.left_pad(prompts, model_device)  # [B, L] each
 
     rows: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]  # per sample, per token
     ended = [False] * batch
     active = torch.arange(batch)  # [A] sample index of each batch row
     with torch.inference_mode():
-        target, draft = _BatchLM(pair.target, pair.vocab_size), _BatchLM(pair.draft, pair.vocab_size)
+        target, draft = TorchBatch(pair.target, pair.vocab_size), TorchBatch(pair.draft, pair.vocab_size)
         target_logits, target_hidden = target.feed(ids, mask, positions)  # prefill: [B, V], [B, H_t]
         draft_logits, draft_hidden = draft.feed(ids, mask, positions)  # [B, V], [B, H_d]
         if repeats > 1:  # one prefill per prompt, copied to its samples

@@ -1,0 +1,205 @@
+"""Lockstep evaluation: the engine's law of completions and round records, many at once.
+
+What a speculative method emits, and its round record (accepted / recovered / bonus tokens,
+docs/method.md §6), depend only on p_t and q_t at the prefixes it emits: a round drafts
+x_i ~ q_i and accepts it with probability a(x_i); the first rejection emits a **recovered**
+token from the residual and ends the round (the draft tokens after it are never looked at);
+after N **accepted** tokens the round emits a **bonus** token from p. So the same process can
+be walked one token at a time: both models step once per emitted token, and each row (one
+method on one prompt) plays its round: draft, accept or recover, bonus. Every token has the
+same law as in `engine.decode`, and the counts in `Metrics` mean the same
+(tests/test_lockstep.py enumerates the joint law of tokens and accept counts and checks
+both against it).
+
+What it buys: a batch of rows shares one forward pass per token (`runners.hf.TorchBatch`),
+and the rows of one prompt share its prefill, so an evaluation of many methods runs several
+times faster on a CPU than generation by generation. What it cannot say: speed. Every token
+costs a step of both models, so rows carry no seconds (`lockstep: true` in eval rows) and
+summaries leave their timing empty.
+
+Differences from the engine, all in the last round of a completion: a round that accepts EOS
+ends there (the engine goes on verifying the draft tokens proposed after EOS, which can add
+to that round's accepted count), and stop strings are looked for after every round, as the
+engine does, so a round that runs past one is cut the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..draft_length import FixedDraftLength
+from ..engine import GenerationConfig, make_generator
+from ..errors import UserInputError
+from ..generation import GenerationResult, IncrementalText, first_stop
+from ..metrics import Metrics
+from ..models import ModelPair
+from ..runners.hf import TorchBatch
+from ..sampling import logits_to_probs, sample, total_variation
+from ..verifiers import Verifier
+
+
+@dataclass(frozen=True)
+class LockstepRow:
+    """One generation to run: a prompt, its method's verifier (None: `ar`) and its seed."""
+
+    key: Any  # the caller's name for the row, returned with its result
+    prompt_ids: tuple[int, ...]
+    verifier: Verifier | None
+    method: str
+    seed: int
+
+
+@dataclass
+class _RowState:
+    """A row mid-generation: its tokens, its text and the round it is in."""
+
+    row: LockstepRow
+    generator: torch.Generator
+    text: IncrementalText
+    metrics: Metrics = field(default_factory=Metrics)
+    ids: list[int] = field(default_factory=list)
+    drafted: int = 0  # N of the round in progress; 0 between rounds
+    accepted: int = 0  # tokens accepted so far in this round
+    bias: float = 0.0  # this round's estimated bias so far
+    finish_reason: str | None = None
+    cut: int | None = None  # where a stop string begins in the text
+
+    def end_round(self) -> None:
+        if self.drafted:
+            self.metrics.record_round(self.drafted, self.accepted, self.bias)
+        self.drafted = self.accepted = 0
+        self.bias = 0.0
+
+
+def check_lockstep(pair: ModelPair, config: GenerationConfig) -> None:
+    """Refuse what lockstep evaluation cannot do, with one line each."""
+    if pair.backend != "torch":
+        raise UserInputError(f"lockstep evaluation runs on the torch backend (this pair uses {pair.backend}); pass --backend torch")
+    if config.sampling.greedy:
+        raise UserInputError("lockstep evaluation samples (temperature > 0); greedy methods are deterministic, evaluate them without --lockstep")
+    if not isinstance(config.draft_length, int):
+        raise UserInputError("lockstep evaluation needs a fixed --draft-length N (speed-driven 'auto' means nothing without timing)")
+    if config.draft_confidence or config.proposer != "model" or config.bias_budget is not None:
+        raise UserInputError("lockstep evaluation supports the draft model proposer without --draft-confidence or --bias-budget")
+
+
+def lockstep_generate(
+    pair: ModelPair, rows: Sequence[LockstepRow], config: GenerationConfig, *, batch_size: int = 16
+) -> Iterator[tuple[LockstepRow, GenerationResult]]:
+    """Generate every row, `batch_size` rows at a time; yield (row, result) as each finishes.
+
+    Rows are batched in the order given, so rows that share a prompt should be adjacent: each
+    batch prefills a distinct prompt once and copies its cache to the rows that use it.
+    `config.seed` is ignored; each row brings its own.
+    """
+    check_lockstep(pair, config)
+    if batch_size < 1:
+        raise UserInputError(f"the lockstep batch size must be at least 1, not {batch_size}")
+    for start in range(0, len(rows), batch_size):
+        yield from _run_batch(pair, rows[start : start + batch_size], config)
+
+
+@torch.inference_mode()
+def _run_batch(pair: ModelPair, rows: Sequence[LockstepRow], config: GenerationConfig) -> Iterator[tuple[LockstepRow, GenerationResult]]:
+    params, device = config.sampling, pair.device
+    eos = set() if config.ignore_eos else set(pair.eos_token_ids)
+    policy = FixedDraftLength(int(config.draft_length))
+    prompts = list(dict.fromkeys(row.prompt_ids for row in rows))  # distinct prompts, in order
+    ids, mask, positions = TorchBatch.left_pad(prompts, device)  # [P, L] each
+    copies = torch.tensor([prompts.index(row.prompt_ids) for row in rows], device=device)  # [B] prompt of each row
+    models = [TorchBatch(pair.target, pair.vocab_size), TorchBatch(pair.draft, pair.vocab_size)]
+    outputs = [model.feed(ids, mask, positions) for model in models]  # prefill: (logits [P, V], hidden [P, H]) per model
+    for model in models:
+        model.keep(copies)  # one cached copy of its prompt per row
+    outputs = [(logits[copies], hidden[copies]) for logits, hidden in outputs]  # [B, V], [B, H]
+    mask, positions = mask[copies], positions[copies][:, -1:]  # [B, L], [B, 1]
+    states = [_RowState(row, make_generator(row.seed), IncrementalText(pair.tokenizer)) for row in rows]
+    while True:
+        (target_logits, target_hidden), (draft_logits, draft_hidden) = outputs
+        p = logits_to_probs(target_logits, params)  # [A, V]
+        q = logits_to_probs(draft_logits, params)  # [A, V]
+        tokens = _step(states, p, q, target_hidden, draft_hidden, policy, config)  # [A]
+        for state, token in zip(states, tokens):
+            _commit(state, token, eos, config)
+        finished = [state.finish_reason is not None for state in states]
+        for state, done in zip(states, finished):
+            if done:
+                yield state.row, _result(state, config)
+        if all(finished):
+            return
+        if any(finished):  # finished rows leave the batch
+            keep = torch.tensor([i for i, done in enumerate(finished) if not done], device=device)  # [A']
+            for model in models:
+                model.keep(keep)
+            states = [state for state, done in zip(states, finished) if not done]
+            tokens, mask, positions = [tokens[i] for i in keep.tolist()], mask[keep], positions[keep]
+        mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=-1)  # [A, cached + 1]
+        positions = positions + 1  # [A, 1]
+        step_ids = torch.tensor(tokens, device=device)[:, None]  # [A, 1]
+        outputs = [model.feed(step_ids, mask, positions) for model in models]
+
+
+def _step(states: list[_RowState], p, q, target_hidden, draft_hidden, policy: FixedDraftLength, config: GenerationConfig) -> list[int]:
+    """Each row's next token, its round advanced. p, q: [A, V]; hidden: [A, H_t], [A, H_d]."""
+    params = config.sampling
+    tokens: list[int] = [0] * len(states)
+    drafting: dict[int, list[int]] = {}  # id(verifier) -> rows at a drafted position
+    for i, state in enumerate(states):
+        verifier = state.row.verifier
+        if verifier is not None and state.drafted == 0:  # a round starts
+            state.drafted = policy.choose(config.max_new_tokens - len(state.ids))
+        if verifier is None or state.accepted == state.drafted:
+            # `ar`, or the bonus token after a fully accepted round: from p.
+            tokens[i] = int(sample(p[i], state.generator))
+            if verifier is None:
+                state.metrics.record_round(drafted=0, accepted=0, bias=0.0)
+            else:
+                state.end_round()
+        else:
+            drafting.setdefault(id(verifier), []).append(i)
+    for rows in drafting.values():
+        verifier = states[rows[0]].row.verifier
+        index = torch.tensor(rows, device=p.device)  # [n]
+        hidden = (draft_hidden[index], target_hidden[index]) if verifier.needs_hidden_states else (None, None)
+        tables = verifier.tables(p[index], q[index], verifier.context(*hidden))  # each [n, V]
+        emitted_bias = total_variation(tables.emitted, p[index])  # [n]
+        for j, i in enumerate(rows):
+            state = states[i]
+            drafted = int(sample(q[i], state.generator))  # the draft's token at this position
+            accept = torch.rand((), generator=state.generator, dtype=torch.float64, device=p.device) < tables.acceptance[j, drafted]
+            state.bias += float(emitted_bias[j])
+            if accept:
+                tokens[i] = drafted
+                state.accepted += 1
+            else:
+                tokens[i] = int(sample(tables.residual[j], state.generator))  # recovered token
+                state.end_round()
+    return tokens
+
+
+def _commit(state: _RowState, token: int, eos: set[int], config: GenerationConfig) -> None:
+    """Append a token; decide whether the row is done (EOS, budget, or a stop string after a round)."""
+    if token in eos:
+        state.end_round()  # an accepted EOS ends its round
+        state.finish_reason = "stop"
+        return
+    state.ids.append(token)
+    state.text.extend([token])
+    if state.drafted == 0:  # a round just ended: look for stop strings, as the engine does per round
+        state.cut = first_stop(state.text.text, config.stop)
+        if state.cut is not None:
+            state.finish_reason = "stop"
+            return
+    if len(state.ids) >= config.max_new_tokens:
+        state.end_round()
+        state.cut = first_stop(state.text.text, config.stop)
+        state.finish_reason = "stop" if state.cut is not None else "length"
+
+
+def _result(state: _RowState, config: GenerationConfig) -> GenerationResult:
+    state.metrics.new_tokens = len(state.ids)
+    text = state.text.text if state.cut is None else state.text.text[: state.cut]
+    return GenerationResult(text, list(state.ids), state.row.method, state.metrics, state.finish_reason)

@@ -1,0 +1,141 @@
+"""Judge heads (head v2, issue 15): a per-position target weight from standardised statistics.
+
+A judge head is a logistic model of P(important | statistics of p_t and q_t): "important"
+means that emitting the draft's token where the target would not changes the outcome or the
+target's reading of the rest (the mined labels of docs/mining.md). It is fitted on the
+standardised, log1p-tamed FEATURES of `features.py` (a scikit-learn pipeline, exported to a
+few numbers), so it needs no hidden states and runs on any backend.
+
+The `judge` method turns it into a gate: w_t = 1 where P_t > threshold, else `low`, as the KL
+gate does with one fixed statistic. Sweeping the threshold traces its quality/acceptance curve;
+a threshold of 1 is the static weight `low` everywhere and 0 is `exact`.
+
+A head is one JSON file: the feature names with their means and scales, the coefficients and
+intercept, the pair it was mined on (it refuses another) and how it was fitted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .errors import HeadMismatchError, UserInputError
+from .features import FEATURES, LOG1P_FEATURES, position_features, regression_inputs
+from .knobs import Knob
+from .verifiers import DRAFT_PROBS, HEAD, LOW_WEIGHT, MixtureVerifier, _mix, register
+
+FORMAT = "diversed-judge-head/1"
+
+
+@dataclass(frozen=True)
+class JudgeHead:
+    """P(important) = sigmoid(((x - mean) / scale) · coef + intercept), x the named features."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    target: str  # the pair whose positions it was fitted on
+    draft: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # label, data, fit settings
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.features if name not in FEATURES]
+        if unknown:
+            raise UserInputError(f"judge head uses unknown features {unknown}; this version computes {', '.join(FEATURES)}")
+        if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
+            raise UserInputError("judge head: features, mean, scale and coef differ in length")
+
+    def importance(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """P(important) at each position. p, q: [N, V] -> [N].
+
+        The target's token is taken as argmax p, as in greedy mining (where y_t = argmax p).
+        """
+        x = regression_inputs(position_features(p, q, p.argmax(-1)), self.features).double()  # [N, F]
+        mean, scale, coef = (torch.tensor(v, dtype=torch.float64, device=p.device) for v in (self.mean, self.scale, self.coef))
+        return torch.sigmoid(((x - mean) / scale) @ coef + self.intercept).to(p.dtype)
+
+    def to(self, device: Any) -> "JudgeHead":
+        return self  # a few numbers, moved with each call
+
+    def check_pair(self, target: str, draft: str, where: str) -> None:
+        if (self.target, self.draft) != (target, draft):
+            raise HeadMismatchError(f"judge head {where!r} was fitted for {self.target} / {self.draft}, not {target} / {draft}")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).with_suffix(".json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, **{k: v for k, v in asdict(self).items() if k != "extra"}, **self.extra}
+        path.write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], where: str) -> "JudgeHead":
+        try:
+            known = {name: meta.pop(name) for name in ("features", "mean", "scale", "coef", "intercept", "target", "draft")}
+        except KeyError as exc:
+            raise UserInputError(f"{where} is not a judge head: it lacks {exc}") from None
+        meta.pop("format", None)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()}, extra=meta)
+
+
+def is_judge_meta(meta: dict[str, Any]) -> bool:
+    return meta.get("format") == FORMAT
+
+
+def fit_judge(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], target: str, draft: str, extra: dict[str, Any]) -> JudgeHead:
+    """A standardised logistic regression of y [P] on raw features x [P, F] (log1p applied here)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if not 0 < y.sum() < len(y):
+        raise UserInputError(f"fitting a judge needs important and unimportant positions; the labels have {int(y.sum())} of {len(y)} important")
+    inputs = x.copy()
+    for column, name in enumerate(features):
+        if name in LOG1P_FEATURES:
+            inputs[:, column] = np.log1p(np.maximum(inputs[:, column], 0))
+    scaler = StandardScaler().fit(inputs)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    model = LogisticRegression(max_iter=2000, class_weight="balanced").fit((inputs - scaler.mean_) / scale, y)
+    return JudgeHead(tuple(features), tuple(map(float, scaler.mean_)), tuple(map(float, scale)),
+                     tuple(map(float, model.coef_[0])), float(model.intercept_[0]), target, draft, extra)
+
+
+JUDGE_HEAD = Knob("head", str, None, "the judge head (a path to its JSON file)", required=True, constructor=False)
+JUDGE_THRESHOLD = Knob("threshold", float, 0.5, "the judge's threshold on P(important)", interval=(0, 1, "[]"))
+
+
+@register
+@dataclass(frozen=True)
+class Judge(MixtureVerifier):
+    """Judge gate: v_i = w_i p_i + (1 - w_i) q_i, w_i = 1 where the head's P(important) > threshold, else `low`."""
+
+    name: ClassVar[str] = "judge"
+    knobs: ClassVar[tuple[Knob, ...]] = (JUDGE_HEAD, JUDGE_THRESHOLD, LOW_WEIGHT)
+    needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS, HEAD})
+    verification: ClassVar[str] = "mixture with `w_i = 1` where a fitted judge's P(important) > τ, else the low weight"
+    lossless: ClassVar[str] = "no (bias reported)"
+    head: JudgeHead = field(compare=False)
+    threshold: float = JUDGE_THRESHOLD.default
+    low: float = LOW_WEIGHT.default
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.head, JudgeHead):
+            raise UserInputError("the judge method needs a judge head (`diversed fit-judge`), not an ensemble head")
+
+    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """w_i per position. [N, V] -> [N]."""
+        return torch.where(self.head.importance(p, q) > self.threshold, 1.0, self.low).to(p.dtype)
+
+    def verification_target(self, p, q, ctx):
+        return _mix(p, q, self.weights(p, q))
+
+    def describe(self) -> str:
+        return f"judge(tau={self.threshold:g}, low={self.low:g})"
