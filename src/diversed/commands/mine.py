@@ -55,12 +55,16 @@ def cmd_fit_judge(args: argparse.Namespace) -> int:
     arrays = load_positions(args.records)
     mined = json.loads((Path(args.records) / SETTINGS_FILE).read_text())
     y = importance_labels(arrays, args.label, args.delta)
+    if args.positions == "all":
+        # Where the draft's argmax is the target's token, substituting it changes nothing:
+        # unimportant by construction, and these are most of the positions the judge will see.
+        y = np.where(np.isnan(y) & ~arrays["mismatch"], 0.0, y)
     labelled = ~np.isnan(y)
     columns = [arrays["feature_names"].index(name) for name in features]
     x = arrays["features"][labelled][:, columns]  # [L, F]
     extra = {"label": args.label, "delta": args.delta if args.label == "lldrop" else None, "records": str(args.records),
              "task": mined.get("task"), "problems": len(arrays["problem_ids"]), "positions": int(labelled.sum()),
-             "important": int(y[labelled].sum()), "mined_backend": mined.get("backend"), "mined_temperature": mined.get("temperature")}
+             "important": int(y[labelled].sum()), "fitted_on": args.positions, "mined_backend": mined.get("backend"), "mined_temperature": mined.get("temperature")}
     head = fit_judge(x, y[labelled], features, mined["target"], mined["draft"], extra)
     path = head.save(args.out)
     print(json.dumps({"head": str(path), **extra, "coef": dict(zip(features, head.coef))}, indent=2))
@@ -96,5 +100,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--label", default="lldrop", choices=("lldrop", "flip", "flip_vs_control"), help="what counts as important (default lldrop; docs/mining.md)")
     fit.add_argument("--delta", type=float, default=2.0, help="lldrop: a log-likelihood drop above this many nats is important (default 2)")
     fit.add_argument("--features", help="comma-separated subset of the mined statistics (default: all)")
+    fit.add_argument("--positions", default="all", choices=("all", "mismatches"),
+                     help="all (default): labelled mismatches plus every matched position as unimportant (substituting the same token changes nothing); mismatches: labelled mismatches only")
     fit.add_argument("--out", required=True, help="where to write the head (a .json file)")
     fit.set_defaults(handler=cmd_fit_judge)

@@ -9,7 +9,10 @@ from ..methods import MethodSpec
 
 
 def _static_weight(label: str) -> float | None:
+    """w of a point on the static line; `exact` is its w = 1 end."""
     spec = MethodSpec.parse(label)
+    if spec.method == "exact":
+        return 1.0
     return spec.weight if spec.method == "static" else None
 
 
@@ -19,7 +22,8 @@ def _plot_methods(ax, methods: list[dict], x_key: str, y_key: str, with_ci: bool
     A method's colour comes from its place in `methods`, so it is the same in every panel
     even where a panel has no point for another method (ar has no acceptance rate).
     """
-    colours = {m["method"]: f"C{i % 10}" for i, m in enumerate(methods)}
+    # tab20 and three markers: up to 60 methods stay distinguishable in one legend.
+    colours = {m["method"]: (f"tab20:{i % 20}", "osD"[(i // 20) % 3]) for i, m in enumerate(methods)}
     points = [m for m in methods if m.get(x_key) is not None and m.get(y_key) is not None]
     sweep = sorted((m for m in points if _static_weight(m["method"]) is not None), key=lambda m: _static_weight(m["method"]))
     if len(sweep) > 1:
@@ -31,7 +35,15 @@ def _plot_methods(ax, methods: list[dict], x_key: str, y_key: str, with_ci: bool
             yerr = [[max(0.0, m[y_key] - low)], [max(0.0, high - m[y_key])]]
         # A legend, not labels beside the points: methods at nearly the same point (a head
         # that behaves like one static weight) would print their labels over each other.
-        ax.errorbar(m[x_key], m[y_key], yerr=yerr, fmt="o", capsize=3, color=colours[m["method"]], label=m["method"])
+        colour, marker = colours[m["method"]]
+        ax.errorbar(m[x_key], m[y_key], yerr=yerr, fmt=marker, capsize=3, color=_colour(colour), label=m["method"])
+
+
+def _colour(name: str):
+    import matplotlib
+
+    cmap, index = name.split(":")
+    return matplotlib.colormaps[cmap](int(index))
 
 
 def plot_eval(summary: dict[str, Any], path: Path) -> None:
@@ -41,15 +53,21 @@ def plot_eval(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6))
     metric = summary["metric"]
     _plot_methods(left, summary["methods"], "acceptance_rate", "quality", with_ci=True)
     left.set(xlabel="acceptance rate (accepted / drafted)", ylabel=metric, title="quality vs acceptance")
     _plot_methods(right, summary["methods"], "seconds_per_example", "quality", with_ci=True)
     right.set(xlabel="seconds per example", ylabel=metric, title="quality vs latency")
-    right.legend(fontsize=7, loc="best")  # the right panel has every method (ar has no acceptance rate)
+    # One legend for both panels: ar has no acceptance rate, lockstep rows have no timing.
+    handles = {}
+    for ax in (left, right):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    rows = -(-len(handles) // 3)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=3)
     fig.suptitle(f"{summary['task']} ({summary['n_examples']} examples, T={summary['settings']['temperature']:g}, N={summary['settings']['draft_length']})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.5, 0.035 * rows + 0.02), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
