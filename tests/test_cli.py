@@ -64,7 +64,7 @@ def one_line_error(capsys, *argv) -> str:
         (["--temperature", "-1"], "temperature"),
         (["--top-p", "0"], "top-p"),
         (["--method", "diversed"], "needs --head"),
-        (["--method", "diversed", "--head", "/nonexistent/head"], "no ensemble head"),
+        (["--method", "diversed", "--head", "/nonexistent/head"], "no head at"),
         (["--method", "exact", "--weight", "0.5"], "does not apply"),
         (["--device", "banana"], "unknown device"),
         (["--device", "meta"], "unsupported device"),

@@ -41,7 +41,7 @@ def test_loading_for_another_pair_is_an_error(tmp_path):
 
 
 def test_missing_head_is_a_user_error(tmp_path):
-    with pytest.raises(UserInputError, match="no ensemble head"):
+    with pytest.raises(UserInputError, match="no head at"):
         load_head(tmp_path / "nothing")
 
 

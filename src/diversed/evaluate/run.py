@@ -105,8 +105,9 @@ def run_eval(
 
     Methods run example by example (all methods on example 1, then example 2, ...), so load on
     a shared machine affects them alike. `lockstep=B` generates B rows at a time in lockstep
-    (evaluate/lockstep.py): the same law and counts, several times the throughput, no timing. Returns the summary (also in summary.json). The folder
-    is locked for the run, so a second run there stops with an error instead of interleaving.
+    (evaluate/lockstep.py): the same law and counts, several times the throughput, no timing.
+    Returns the summary (also in summary.json). The folder is locked for the run, so a second
+    run there stops with an error instead of interleaving.
     """
     out_dir = Path(out_dir)
     labels = [spec.label for spec in specs]
