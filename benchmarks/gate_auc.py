@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from diversed.errors import UserInputError
-from diversed.features import LOG1P_FEATURES
+from diversed.features import log1p_columns
 from diversed.mining import DEFAULT_DELTA, TOKEN_CLASSES, importance_labels as labels, load_positions
 
 MIN_CLASS_COUNT = 2  # fewer held-out positives (or negatives) than this: the AUC is not reported
@@ -40,10 +40,7 @@ MIN_CLASS_COUNT = 2  # fewer held-out positives (or negatives) than this: the AU
 
 def scalar_matrix(arrays: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
     """Scalar features for the regressions: [P, F + classes], log1p on heavy-tailed ones."""
-    features = arrays["features"].copy()  # [P, F]
-    for name in LOG1P_FEATURES:
-        column = arrays["feature_names"].index(name)
-        features[:, column] = np.log1p(np.maximum(features[:, column], 0))
+    features = log1p_columns(arrays["features"], arrays["feature_names"])  # [P, F]
     one_hot = np.eye(len(TOKEN_CLASSES))[arrays["token_class"]]  # [P, classes]
     return np.concatenate([features, one_hot], axis=1), list(arrays["feature_names"]) + [f"class={c}" for c in TOKEN_CLASSES]
 

@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"static line (acceptance): {line}\n")
     print("| method | n | acceptance | quality (95% CI) | minus the line (95% CI) | bracket | issue 15 bar |")
     print("|---|---|---|---|---|---|---|")
-    for label in methods:
-        placed = place(by_method[label], by_method, statics)
+    placements = {label: place(by_method[label], by_method, statics) for label in methods}
+    for label, placed in placements.items():
         print(f"| {label} | {placed['n']} | {placed['acceptance']:.1%} | {placed['quality']:.3f} ({placed['quality_ci'][0]:.3f}–{placed['quality_ci'][1]:.3f}) "
               f"| {placed['difference']:+.3f} ({placed['ci'][0]:+.3f} to {placed['ci'][1]:+.3f}) | {placed['low']}–{placed['high']} | {target_check(placed, exact)} |")
     if len(methods) == 1:
-        placed = place(by_method[methods[0]], by_method, statics)
+        placed = placements[methods[0]]
         print(f"\n{methods[0]}: acceptance {placed['acceptance']:.1%}; static line through {placed['low']} ({statics[placed['low']]:.1%}) and {placed['high']} ({statics[placed['high']]:.1%})")
         print(f"n = {placed['n']} examples; quality minus the line: {placed['difference']:+.3f} (95% CI {placed['ci'][0]:+.3f} to {placed['ci'][1]:+.3f})")
     return 0

@@ -51,3 +51,14 @@ def regression_inputs(features: dict[str, torch.Tensor], names: tuple[str, ...] 
     """The named features as regression inputs, log1p on LOG1P_FEATURES. -> [T, len(names)]."""
     columns = [features[name].log1p() if name in LOG1P_FEATURES else features[name] for name in names]
     return torch.stack(columns, dim=-1)
+
+
+def log1p_columns(x, names):
+    """Raw feature columns x [P, F] (numpy) named `names`, log1p on LOG1P_FEATURES. -> a copy."""
+    import numpy as np
+
+    out = np.array(x, dtype=np.float64, copy=True)
+    for column, name in enumerate(names):
+        if name in LOG1P_FEATURES:
+            out[:, column] = np.log1p(np.maximum(out[:, column], 0))
+    return out

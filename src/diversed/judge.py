@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import HeadMismatchError, UserInputError
-from .features import FEATURES, LOG1P_FEATURES, position_features, regression_inputs
+from .features import FEATURES, log1p_columns, position_features, regression_inputs
 from .knobs import Knob
 from .verifiers import DRAFT_PROBS, HEAD, LOW_WEIGHT, MixtureVerifier, _mix, register
 
@@ -96,10 +96,7 @@ def fit_judge(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], target: s
 
     if not 0 < y.sum() < len(y):
         raise UserInputError(f"fitting a judge needs important and unimportant positions; the labels have {int(y.sum())} of {len(y)} important")
-    inputs = x.copy()
-    for column, name in enumerate(features):
-        if name in LOG1P_FEATURES:
-            inputs[:, column] = np.log1p(np.maximum(inputs[:, column], 0))
+    inputs = log1p_columns(x, features)
     scaler = StandardScaler().fit(inputs)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     model = LogisticRegression(max_iter=2000, class_weight="balanced").fit((inputs - scaler.mean_) / scale, y)
