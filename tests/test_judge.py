@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from diversed import cli
 from diversed.errors import HeadMismatchError, UserInputError
+from diversed.features import FEATURES, PROJECTION_DIMS, PROJECTION_SEED, projection
 from diversed.generation import build_verifier
 from diversed.head import load_head
 from diversed.judge import Judge, JudgeHead
 from diversed.methods import MethodSpec
-from diversed.mining import SETTINGS_FILE
+from diversed.mining import RECORDS_FILE, SETTINGS_FILE
 from diversed.sampling import kl_divergence
 
 from .test_gate_auc import write_synthetic_records
@@ -80,3 +82,58 @@ def test_judge_runs_end_to_end_on_the_tiny_pair(tmp_path, capsys, tiny_pair, tin
                      "--head", path, "--threshold", "0.3", "--max-new-tokens", "8", "--draft-length", "2", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["method"].startswith("judge")
+
+
+def test_a_hidden_state_judge_reads_both_models_projected_states():
+    """Coefficients after the named features weigh features.hidden_projections (target's dims, then draft's)."""
+    head = JudgeHead(("tv",), (0.0,) * 65, (1.0,) * 65, (0.0, 5.0) + (0.0,) * 63, 0.0, "t", "d", (PROJECTION_DIMS, PROJECTION_SEED))
+    assert head.reads_hidden_states
+    p = torch.tensor([[0.6, 0.4], [0.6, 0.4]])
+    q = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    direction = projection(8)[:, 0]  # [8]: the target state along this has projected dim 0 = |direction|^2
+    target_hidden = torch.stack([direction, -direction])  # [2, 8]
+    draft_hidden = torch.zeros(2, 4)
+    importance = head.importance(p, q, target_hidden, draft_hidden)
+    assert importance[0] > 0.5 > importance[1]
+    judge = Judge(head=head, threshold=0.5, low=0.2)
+    assert judge.needs_hidden_states and not Judge(head=JudgeHead(("tv",), (0.0,), (1.0,), (1.0,), 0.0, "t", "d")).needs_hidden_states
+    ctx = judge.context(draft_hidden, target_hidden)
+    assert judge.weights(p, q, ctx).tolist() == pytest.approx([1.0, 0.2])
+    with pytest.raises(ValueError, match="reads hidden states"):
+        judge.weights(p, q)
+
+
+def test_fit_judge_with_hidden_states_finds_an_informative_projection(tmp_path, capsys):
+    records = tmp_path / "records"
+    write_synthetic_records(records)
+    rows = [json.loads(line) for line in (records / RECORDS_FILE).read_text().splitlines()]
+    for row in rows:  # importance now follows the target's first projected dim, not KL
+        row["counterfactuals"]["flip"] = [bool(v[0] > 0.5) for v in row["target_projection"]]
+    (records / RECORDS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (records / SETTINGS_FILE).write_text(json.dumps({"task": "gsm8k", "target": "t", "draft": "d"}))
+    out = tmp_path / "hidden-judge"
+    assert cli.main(["fit-judge", "--records", str(records), "--label", "flip", "--hidden", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    head = load_head(out.with_suffix(".json"))
+    hidden_coef = np.abs(head.coef[len(FEATURES):])
+    assert head.projection == (PROJECTION_DIMS, PROJECTION_SEED) and len(head.coef) == len(FEATURES) + 2 * PROJECTION_DIMS
+    assert hidden_coef.argmax() == 0 and report["hidden_coef_norm"] > max(abs(c) for c in report["coef"].values())
+    meta = json.loads(out.with_suffix(".json").read_text())
+    meta["projection"] = [PROJECTION_DIMS, PROJECTION_SEED + 1]
+    (tmp_path / "other.json").write_text(json.dumps(meta))
+    with pytest.raises(UserInputError, match="fit it again"):
+        load_head(tmp_path / "other.json")
+
+
+def test_a_hidden_state_judge_decodes_on_the_tiny_pair(tmp_path, capsys, tiny_pair, tiny_model_dirs):
+    signature = tiny_pair.signature()
+    fit(tmp_path, capsys, signature.target, signature.draft, "--hidden")
+    path = str(tmp_path / "judge.json")
+    assert build_verifier(tiny_pair, MethodSpec.parse(f"judge:{path}:0.5")).needs_hidden_states
+    target, draft = tiny_model_dirs
+    code = cli.main(["generate", "hi", "--target", str(target), "--draft", str(draft), "--dtype", "float32", "--method", "judge",
+                     "--head", path, "--max-new-tokens", "8", "--draft-length", "2", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["method"].startswith("judge")
+    code = cli.main(["generate", "hi", "--target", str(target), "--draft", "ngram", "--dtype", "float32", "--method", "judge",
+                     "--head", path, "--max-new-tokens", "8"])
+    assert code == 2 and "hidden states" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 `position_features(p, q, tokens)` computes FEATURES at each position; `regression_inputs`
 applies the log1p that the regressions (benchmarks/gate_auc.py, judge heads) use on the
-heavy-tailed ones.
+heavy-tailed ones; `hidden_projections` is the fixed random projection of both models'
+hidden states that mining records and hidden-state judges read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ FEATURES = (
     "q_target_token",  # q(y_t), y_t the completion's token
     "log_margin_p",  # log p(top1) - log p(top2) of the target: the margin ratio, as a log
 )
+# Hidden states enter as a fixed Gaussian random projection to this many dims per model:
+# 2 x 32 floats per position keeps a 500-problem mining run in tens of MB, while raw states
+# (~2,400 floats per position) would take GBs. A judge fitted on them records these two numbers.
+PROJECTION_DIMS = 32
+PROJECTION_SEED = 15
+
 # Heavy-tailed features enter regressions as log1p(x); single-statistic rankings do not change.
 LOG1P_FEATURES = ("kl_pq", "kl_qp", "log_margin_p")
 
@@ -51,6 +58,18 @@ def regression_inputs(features: dict[str, torch.Tensor], names: tuple[str, ...] 
     """The named features as regression inputs, log1p on LOG1P_FEATURES. -> [T, len(names)]."""
     columns = [features[name].log1p() if name in LOG1P_FEATURES else features[name] for name in names]
     return torch.stack(columns, dim=-1)
+
+
+def projection(hidden_size: int) -> torch.Tensor:
+    """The fixed projection of one model's hidden states. -> [H, PROJECTION_DIMS], seeded by H."""
+    generator = torch.Generator().manual_seed(PROJECTION_SEED * 100_003 + hidden_size)
+    return torch.randn(hidden_size, PROJECTION_DIMS, generator=generator) / hidden_size**0.5
+
+
+def hidden_projections(target_hidden: torch.Tensor, draft_hidden: torch.Tensor) -> torch.Tensor:
+    """Both models' projected states, target first. [T, H_t], [T, H_d] -> [T, 2 * PROJECTION_DIMS]."""
+    project = lambda hidden: hidden.float() @ projection(hidden.shape[-1]).to(hidden.device)  # noqa: E731
+    return torch.cat([project(target_hidden), project(draft_hidden)], dim=-1)
 
 
 def log1p_columns(x, names):

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .engine import GenerationConfig
-from .features import FEATURES, position_features  # noqa: F401 (FEATURES: part of the record schema)
+from .features import FEATURES, PROJECTION_DIMS, position_features, projection  # noqa: F401 (FEATURES, PROJECTION_DIMS: the record schema)
 from .errors import UserInputError
 from .evaluate import encodable_examples, example_seed, teacher_forced
 from .generation import MethodSpec, first_stop, generate
@@ -56,11 +56,6 @@ COST_FILE = "cost.json"
 TOKEN_CLASSES = ("digit", "operator", "identifier", "whitespace", "other")
 OPERATOR_CHARS = set("+-*/=<>%^&|!~()[]{}.,:;")
 
-# Hidden states are stored as a fixed Gaussian random projection to this many dims per model:
-# 2 x 32 floats per position keeps a 500-problem run in tens of MB, while raw states
-# (~2,400 floats per position) would take GBs. `--save-hidden` also keeps the raw states.
-PROJECTION_DIMS = 32
-PROJECTION_SEED = 15
 LL_WINDOW = 16  # the short-horizon likelihood label: the first tokens after the substitution
 # XSum has no pass/fail outcome: a counterfactual "flips" when ROUGE-2 drops by this many points.
 ROUGE_FLIP_DROP = 5.0
@@ -109,12 +104,6 @@ def token_class(text: str) -> int:
     if stripped.replace("_", "").isalnum():
         return TOKEN_CLASSES.index("identifier")
     return TOKEN_CLASSES.index("other")
-
-
-def projection(hidden_size: int) -> torch.Tensor:
-    """The fixed projection of one model's hidden states. -> [H, PROJECTION_DIMS], seeded by H."""
-    generator = torch.Generator().manual_seed(PROJECTION_SEED * 100_003 + hidden_size)
-    return torch.randn(hidden_size, PROJECTION_DIMS, generator=generator) / hidden_size**0.5
 
 
 def _rounded(values: torch.Tensor, digits: int = 6) -> list:

@@ -52,6 +52,7 @@ class VerifyContext:
     """Per-round data a verifier may need beyond (p, q)."""
 
     weights: torch.Tensor | None = None  # [N] per-position target weight w_i (dynamic ensemble)
+    hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # ([N, H_d], [N, H_t]) states read with p, q (judge)
 
 
 EMPTY_CONTEXT = VerifyContext()
@@ -80,12 +81,14 @@ class Verifier(ABC):
     needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS})
     verification: ClassVar[str] = ""
     lossless: ClassVar[str] = "no"
-    #: True when `context` needs the draft's and target's last-layer hidden states (from `needs`).
+    #: True when `context` needs the draft's and target's last-layer hidden states (from `needs`,
+    #: unless a class decides per instance with a property of this name, as the judge does).
     needs_hidden_states: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls.needs_hidden_states = HIDDEN_STATES in cls.needs
+        if not isinstance(cls.__dict__.get("needs_hidden_states"), property):
+            cls.needs_hidden_states = HIDDEN_STATES in cls.needs
 
     def __post_init__(self) -> None:
         """Every knob checks its value (dataclass subclasses call this after __init__)."""

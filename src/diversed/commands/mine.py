@@ -62,12 +62,17 @@ def cmd_fit_judge(args: argparse.Namespace) -> int:
     labelled = ~np.isnan(y)
     columns = [arrays["feature_names"].index(name) for name in features]
     x = arrays["features"][labelled][:, columns]  # [L, F]
+    # The mined projections, target's then draft's: what features.hidden_projections computes at decode time.
+    hidden = np.concatenate([arrays["target_projection"], arrays["draft_projection"]], axis=1)[labelled] if args.hidden else None
     extra = {"label": args.label, "delta": args.delta if args.label == "lldrop" else None, "records": str(args.records),
              "task": mined.get("task"), "problems": len(arrays["problem_ids"]), "positions": int(labelled.sum()),
              "important": int(y[labelled].sum()), "fitted_on": args.positions, "mined_backend": mined.get("backend"), "mined_temperature": mined.get("temperature")}
-    head = fit_judge(x, y[labelled], features, mined["target"], mined["draft"], extra)
+    head = fit_judge(x, y[labelled], features, mined["target"], mined["draft"], extra, hidden)
     path = head.save(args.out)
-    print(json.dumps({"head": str(path), **extra, "coef": dict(zip(features, head.coef))}, indent=2))
+    shown = {"coef": dict(zip(features, head.coef))}
+    if hidden is not None:
+        shown["hidden_coef_norm"] = float(np.linalg.norm(head.coef[len(features):]))
+    print(json.dumps({"head": str(path), **extra, **shown}, indent=2))
     print(f"use it as --methods judge:{path}:TAU (TAU: threshold on P(important), default 0.5)", file=sys.stderr)
     return 0
 
@@ -100,6 +105,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--label", default="lldrop", choices=("lldrop", "flip", "flip_vs_control"), help="what counts as important (default lldrop; docs/mining.md)")
     fit.add_argument("--delta", type=float, default=2.0, help="lldrop: a log-likelihood drop above this many nats is important (default 2)")
     fit.add_argument("--features", help="comma-separated subset of the mined statistics (default: all)")
+    fit.add_argument("--hidden", action="store_true",
+                     help="also read both models' hidden states (the mined random projections); the head then needs a backend that returns them")
     fit.add_argument("--positions", default="all", choices=("all", "mismatches"),
                      help="all (default): labelled mismatches plus every matched position as unimportant (substituting the same token changes nothing); mismatches: labelled mismatches only")
     fit.add_argument("--out", required=True, help="where to write the head (a .json file)")
