@@ -8,6 +8,8 @@ hidden states that mining records and hidden-state judges read.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .sampling import entropy, kl_divergence, total_variation
@@ -60,6 +62,7 @@ def regression_inputs(features: dict[str, torch.Tensor], names: tuple[str, ...] 
     return torch.stack(columns, dim=-1)
 
 
+@functools.lru_cache(maxsize=8)  # a judge projects every round; the matrix never changes (read it, never write it)
 def projection(hidden_size: int) -> torch.Tensor:
     """The fixed projection of one model's hidden states. -> [H, PROJECTION_DIMS], seeded by H."""
     generator = torch.Generator().manual_seed(PROJECTION_SEED * 100_003 + hidden_size)
