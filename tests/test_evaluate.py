@@ -99,6 +99,27 @@ def test_eval_summary_table_and_plot(gsm8k_run):
 
 
 @needs_shared_data
+def test_summary_times_methods_on_their_timed_rows_only(gsm8k_run):
+    """A method with lockstep rows added (seconds 0) keeps the tokens/s of its timed rows."""
+    from diversed.evaluate.run import EvalSettings
+    from diversed.evaluate.summary import summarize, summary_markdown
+
+    rows = read_rows(gsm8k_run)
+    timed = next(r for r in rows if r["method"] == "exact" and r["example_id"] == "test-0")
+    lockstep = next(r for r in rows if r["method"] == "exact" and r["example_id"] == "test-1")
+    lockstep.update(lockstep=True, metrics={**lockstep["metrics"], "seconds": 0.0, "target_seconds": 0.0, "draft_seconds": 0.0})
+    task = get_task("gsm8k")
+    examples = task.load("test", 2, SHARED_DATA)
+    settings = EvalSettings(**json.loads((gsm8k_run / "settings.json").read_text()))
+    summary = summarize(task, examples, ["exact"], rows, settings)
+    exact = summary["methods"][0]
+    assert exact["n"] == 2 and exact["timed_n"] == 1
+    assert exact["tokens_per_second"] == pytest.approx(timed["metrics"]["new_tokens"] / timed["metrics"]["seconds"])
+    assert exact["seconds_per_example"] == pytest.approx(timed["metrics"]["seconds"])
+    assert "over the timed rows only" in summary_markdown(summary) and "exact (1 of 2)" in summary_markdown(summary)
+
+
+@needs_shared_data
 def test_eval_resumes_without_redoing_finished_rows(gsm8k_run, tiny_model_dirs, tmp_path):
     out = copy_run(gsm8k_run, tmp_path)
     before = (out / ROWS_FILE).read_text()

@@ -76,6 +76,9 @@ def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], 
     scores = [row["score"] for _, row in chosen]
     pooled = functools.reduce(Metrics.merge, (Metrics.from_dict(row["metrics"]) for _, row in chosen), Metrics())
     n = len(chosen)
+    # Timing comes from timed rows alone: a lockstep row's zero seconds would inflate tokens/s.
+    timed_rows = [row for _, row in chosen if not row.get("lockstep")]
+    timed = functools.reduce(Metrics.merge, (Metrics.from_dict(row["metrics"]) for row in timed_rows), Metrics())
     verified, rejections = verified_positions(pooled)
     common = [(row["metrics"]["seconds"], ar_seconds[example.id]) for example, row in chosen if example.id in ar_seconds and not row.get("lockstep")]
     method_seconds = sum(s for s, _ in common)
@@ -88,8 +91,9 @@ def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], 
         "corpus_score": corpus,
         "acceptance_rate": pooled.acceptance_rate,
         "mean_accepted_length": pooled.mean_accepted_length,
-        "tokens_per_second": pooled.tokens_per_second,
-        "seconds_per_example": pooled.seconds / n if n and pooled.seconds > 0 else None,
+        "timed_n": len(timed_rows),
+        "tokens_per_second": timed.tokens_per_second,
+        "seconds_per_example": timed.seconds / len(timed_rows) if timed_rows and timed.seconds > 0 else None,
         "new_tokens_per_example": pooled.new_tokens / n if n else None,
         "speedup": sum(a for _, a in common) / method_seconds if common and method_seconds > 0 else None,
         "estimated_bias": pooled.estimated_bias / n if n else None,  # per sequence (docs/method.md §6)
@@ -134,6 +138,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         )
     corpus = [f"- {m['method']}: corpus {summary['metric']} {m['corpus_score']:.2f}" for m in summary["methods"] if m.get("corpus_score") is not None]
     notes = "\n\n" + "\n".join(corpus) if corpus else ""
+    partly_timed = [f"{m['method']} ({m['timed_n']} of {m['n']})" for m in summary["methods"] if 0 < m.get("timed_n", m["n"]) < m["n"]]
+    if partly_timed:
+        notes += "\n\ntokens/s and s/example over the timed rows only (the rest are lockstep rows): " + ", ".join(partly_timed)
     if summary.get("cost_ratio") is not None:
         notes += f"\n\ncost ratio c (draft step / target step) = {summary['cost_ratio']:.3f}"
     if summary.get("skipped_examples"):
