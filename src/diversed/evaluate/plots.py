@@ -59,6 +59,8 @@ def plot_eval(summary: dict[str, Any], path: Path) -> None:
     left.set(xlabel="acceptance rate (accepted / drafted)", ylabel=metric, title="quality vs acceptance")
     _plot_methods(right, summary["methods"], "seconds_per_example", "quality", with_ci=True)
     right.set(xlabel="seconds per example", ylabel=metric, title="quality vs latency")
+    if all(m.get("seconds_per_example") is None for m in summary["methods"]):
+        right.text(0.5, 0.5, "no timed rows\n(lockstep rows carry no timing)", ha="center", va="center", transform=right.transAxes)
     # One legend for both panels: ar has no acceptance rate, lockstep rows have no timing.
     handles = {}
     for ax in (left, right):
