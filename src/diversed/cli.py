@@ -58,7 +58,7 @@ def pair_from_args(args: argparse.Namespace, needs_draft: bool = True):
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     """--method and one flag per knob of the method registry, shared by `generate` and `serve`."""
     group = parser.add_argument_group("verification method")
-    group.add_argument("--method", choices=METHODS, help="default: static w=0.9 (no shipped head is a default; docs/heads.md)")
+    group.add_argument("--method", choices=METHODS, help="default: cascade:opt:0, or static w=0.9 with --draft ngram (no shipped head is a default; README)")
     for name, owners in knob_owners().items():
         knob = owners[0][1]
         choices = sorted({c for _, k in owners for c in k.choices or ()}) or None
@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     pair = pair_from_args(args, needs_draft=spec is None or spec.method != "ar")
     if spec is None:
-        spec, why = default_method(pair)
+        spec, why = default_method(pair, proposer=config.proposer)
         print(f"note: {why}", file=sys.stderr)
     verifier = build_verifier(pair, spec, config.proposer)
     generation = start_generation(pair, args.prompt, spec, config, raw=args.raw, verifier=verifier)

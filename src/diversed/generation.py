@@ -32,7 +32,15 @@ DEFAULT_HEAD: str | None = None
 T = TypeVar("T")
 
 
-def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD) -> tuple[MethodSpec, str]:
+# The method used when the user names none and no head is designated (issue 15's fallback):
+# speculative cascades' OPT rule at alpha 0, the rule that kept quality inside exact's interval
+# on every measured task at the most acceptance (README, "Per-position weights against the
+# static line"). Prompt-lookup drafts are point masses (max q = 1), which that rule would always
+# trust, so with them the static weight stays.
+DEFAULT_RULE = MethodSpec("cascade", rule="opt", alpha=0.0)
+
+
+def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD, proposer: str = "model") -> tuple[MethodSpec, str]:
     """The method used when the user names none, and a sentence saying why."""
     from .head import HeadMismatchError
 
@@ -43,10 +51,12 @@ def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD) -> 
             pass
         else:
             return MethodSpec("diversed", head=default_head), f"using the ensemble head {default_head!r} (--method diversed)"
-    return (
-        MethodSpec("static", weight=DEFAULT_STATIC_WEIGHT),
-        f"no general-purpose ensemble head for this pair; using --method static --weight {DEFAULT_STATIC_WEIGHT}",
-    )
+    if proposer == "ngram":
+        return (
+            MethodSpec("static", weight=DEFAULT_STATIC_WEIGHT),
+            f"prompt-lookup drafts are point masses, which the default cascade rule would always accept; using --method static --weight {DEFAULT_STATIC_WEIGHT}",
+        )
+    return DEFAULT_RULE, "no general-purpose ensemble head for this pair; using --method cascade --rule opt --alpha 0"
 
 
 def check_spec(spec: MethodSpec) -> None:
