@@ -234,3 +234,16 @@ def test_malformed_rows_are_reported_with_their_line(tmp_path):
     (tmp_path / "wmt16_de_en_test.jsonl").write_text('{"de": "Hallo", "en": "Hello"}\n{"de": "nur Deutsch"}\n')
     with pytest.raises(UserInputError, match=r"wmt16_de_en_test.jsonl:2 lacks the field\(s\) en"):
         get_task("wmt16").load("test", data_dir=tmp_path)
+
+
+def test_offset_skips_examples_and_keeps_their_ids(tmp_path):
+    rows = "".join(f'{{"de": "d{i}", "en": "e{i}"}}\n' for i in range(6))
+    (tmp_path / "wmt16_de_en_test.jsonl").write_text(rows)
+    task = get_task("wmt16")
+    every = task.load("test", data_dir=tmp_path)
+    assert [e.id for e in task.load("test", 2, tmp_path, offset=3)] == [e.id for e in every[3:5]]
+    assert [e.id for e in task.load("test", None, tmp_path, offset=4)] == [e.id for e in every[4:]]
+    with pytest.raises(UserInputError, match="skips every example"):
+        task.load("test", None, tmp_path, offset=6)
+    with pytest.raises(UserInputError, match="--offset must be >= 0"):
+        task.load("test", None, tmp_path, offset=-1)

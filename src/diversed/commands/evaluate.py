@@ -48,15 +48,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load(task_name: str, split: str, n: int | None, data_dir: str | None) -> tuple[Task, list[Example]]:
-    task = get_task(task_name)
-    return task, task.load(split, n, data_dir)
+def _load(args: argparse.Namespace) -> tuple[Task, list[Example]]:
+    task = get_task(args.task)
+    return task, task.load(args.split, args.n, args.data_dir, offset=args.offset)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..cli import NGRAM, config_from_args, pair_from_args, resolve_backend
 
-    task, examples = _load(args.task, args.split, args.n, args.data_dir)
+    task, examples = _load(args)
     if task.metric_name == "pass@1":
         require_isolation(args.unsafe_sandbox)  # before anything runs model-written code
     specs = _parse_methods(args.methods)
@@ -80,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     from ..cli import pair_from_args
 
-    task, examples = _load(args.task, args.split, args.n, args.data_dir)
+    task, examples = _load(args)
     weights = _parse_weights(args.weights)
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     pair = pair_from_args(args)
@@ -105,7 +105,8 @@ def _add_task_args(parser: argparse.ArgumentParser, default_n: int) -> None:
     group = parser.add_argument_group("task")
     group.add_argument("--task", required=True, choices=list(TASKS), help="benchmark (see docs/evaluation.md)")
     group.add_argument("--split", default="test", help="data split (default test)")
-    group.add_argument("--n", type=int, default=default_n, help=f"first N examples of the split (default {default_n})")
+    group.add_argument("--n", type=int, default=default_n, help=f"N examples of the split, after --offset (default {default_n})")
+    group.add_argument("--offset", type=int, default=0, help="skip the split's first OFFSET examples (default 0); rows keep their examples' ids and seeds")
     group.add_argument("--data-dir", help="folder with the task's JSONL files (default: $DIVERSED_DATA_DIR)")
     group.add_argument("--raw", action="store_true", help="plain-completion prompts instead of the chat template")
     group.add_argument("--out", required=True, help="output folder (rows, summary, plots); an eval run there resumes")

@@ -41,14 +41,18 @@ class Task(ABC):
     # Bumped whenever prompt() changes, so a resumed evaluation never mixes rows of two prompts.
     prompt_version: ClassVar[int] = 1
 
-    def load(self, split: str = "test", n: int | None = None, data_dir: str | Path | None = None) -> list[Example]:
-        """The first `n` examples of `split` (all when n is None), in a fixed order."""
+    def load(self, split: str = "test", n: int | None = None, data_dir: str | Path | None = None, offset: int = 0) -> list[Example]:
+        """`n` examples of `split` (all when n is None) after skipping the first `offset`, in a fixed order."""
         if split not in self.splits:
             raise UserInputError(f"task {self.name} has no split {split!r}; choose one of {', '.join(self.splits)}")
         if n is not None and n < 1:
             raise UserInputError(f"--n must be >= 1, got {n}")
+        if offset < 0:
+            raise UserInputError(f"--offset must be >= 0, got {offset}")
         examples = self.examples(split, data_dir)
-        return examples if n is None else examples[:n]
+        if offset >= len(examples):
+            raise UserInputError(f"--offset {offset} skips every example: {self.name}'s {split} split has {len(examples)}")
+        return examples[offset:] if n is None else examples[offset:offset + n]
 
     @abstractmethod
     def examples(self, split: str, data_dir: str | Path | None) -> list[Example]:
