@@ -67,7 +67,7 @@ def place(method_rows: dict[str, dict], by_method: dict[str, dict[str, dict]], s
     ]
     ci_low, ci_high = mean_ci(differences)
     return {"acceptance": method_acceptance, "low": low, "high": high, "n": len(examples),
-            "difference": sum(differences) / len(differences), "ci": (ci_low, ci_high),
+            "difference": sum(differences) / len(differences), "ci": (ci_low, ci_high), "differences": differences,
             "quality": sum(method_rows[i]["score"] for i in examples) / len(examples),
             "quality_ci": mean_ci([method_rows[i]["score"] for i in examples])}
 

@@ -1,0 +1,235 @@
+"""Issue 23's confirmatory analysis, exactly as docs/results/confirmatory/PLAN.md fixes it.
+
+Reads the plan (plan.json beside PLAN.md) and each task's `rows.jsonl`, and writes:
+
+- `results.md`: coverage of the planned cells, the placement table against the static line
+  (H1), the non-inferiority table against `exact` (H2), Holm-adjusted, the power each test
+  had, and the default chosen by the written rule;
+- `results.json`: the same figures; its `non_inferiority` table is what
+  tests/test_default_rule.py checks the code's default against.
+
+While any planned cell is missing, only the coverage is written (the plan allows no interim
+look at the primary statistics) and the rule sees no passing method.
+
+    DIVERSED_DATA_DIR=../shared/data python benchmarks/confirmatory.py
+    python benchmarks/confirmatory.py --planning docs/results/gsm8k-issue15-100 ...   # power from earlier rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from statistics import NormalDist
+
+from scipy import stats
+
+from diversed.evaluate import load_rows, mean_ci
+from static_line import acceptance, place, static_weight
+
+FOLDER = Path(__file__).resolve().parents[1] / "docs" / "results" / "confirmatory"
+Z = NormalDist()
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values (step-down, monotone, capped at 1)."""
+    ordered = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def one_sided_t(differences: list[float], null: float) -> dict:
+    """Paired one-sided t-test of H0: mean <= null against mean > null, with the 95% lower bound."""
+    n = len(differences)
+    mean = sum(differences) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1)) if n > 1 else float("nan")
+    se = sd / math.sqrt(n)
+    if se == 0:  # every difference equal: the sign decides
+        p = 0.0 if mean > null else 1.0
+    else:
+        p = float(stats.t.sf((mean - null) / se, n - 1))
+    return {"n": n, "mean": mean, "sd": sd, "p": p, "lower_95": mean - float(stats.t.ppf(0.95, n - 1)) * se,
+            "upper_95": mean + float(stats.t.ppf(0.95, n - 1)) * se, "ci_95": mean_ci(differences)}
+
+
+def detectable(sd: float, n: int, alpha: float, power: float) -> float:
+    """Smallest true effect (beyond the null) a one-sided level-alpha test detects with `power`."""
+    return (Z.inv_cdf(1 - alpha) + Z.inv_cdf(power)) * sd / math.sqrt(n)
+
+
+def needed_n(sd: float, effect: float, alpha: float, power: float) -> int | None:
+    """Examples a one-sided level-alpha test needs to detect `effect` with `power` (None for effect <= 0)."""
+    if effect <= 0 or not sd == sd:
+        return None
+    return math.ceil(((Z.inv_cdf(1 - alpha) + Z.inv_cdf(power)) * sd / effect) ** 2)
+
+
+def rule_default(non_inferior: dict[str, dict[str, bool]], acceptances: dict[str, dict[str, float]], tasks: list[str],
+                 static_only: bool = False) -> str:
+    """The written rule: of the methods non-inferior on every task, the highest mean acceptance;
+    else static:0.9 if it passes; else exact. `static_only` (prompt-lookup drafts) considers
+    the static arms alone."""
+    passing = [m for m, by_task in non_inferior.items() if tasks and all(by_task.get(t, False) for t in tasks)
+               and (not static_only or static_weight(m) is not None)]
+    if passing:
+        return max(passing, key=lambda m: sum(acceptances[m][t] for t in tasks) / len(tasks))
+    return "static:0.9" if all(non_inferior.get("static:0.9", {}).get(t, False) for t in tasks) and tasks else "exact"
+
+
+def by_method(rows: list[dict], ids: set[str] | None) -> dict[str, dict[str, dict]]:
+    grouped: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        if ids is None or row["example_id"] in ids:
+            grouped[row["method"]][row["example_id"]] = row
+    return grouped
+
+
+def analyse_task(grouped: dict[str, dict[str, dict]], plan: dict) -> dict:
+    """H1 placement and H2 non-inferiority statistics of one task (unadjusted p-values)."""
+    statics = {label: acceptance(grouped[label]) for label in plan["static_line"]}
+    placed = place(grouped[plan["h1_method"]], grouped, statics)
+    h1 = one_sided_t(placed["differences"], 0.0) | {k: placed[k] for k in ("acceptance", "low", "high", "quality")}
+    reference = grouped[plan["reference"]]
+    h2 = {}
+    for label in plan["relaxed"]:
+        common = sorted(set(grouped[label]) & set(reference))
+        differences = [grouped[label][i]["score"] - reference[i]["score"] for i in common]
+        h2[label] = one_sided_t(differences, -plan["non_inferiority_margin"]) | {"acceptance": acceptance(grouped[label])}
+    quality = {label: sum(r["score"] for r in rows.values()) / len(rows) for label, rows in grouped.items() if rows}
+    return {"line": statics, "h1": h1, "h2": h2, "quality": quality,
+            "acceptance": {label: acceptance(rows) for label, rows in grouped.items()}}
+
+
+def planned_ids(task_name: str, spec: dict, data_dir: str | None, primary: bool) -> list[str]:
+    from diversed.tasks import get_task
+
+    offset, n = (spec["primary_offset"], spec["primary_n"]) if primary else (spec["offset"], spec["n"])
+    return [example.id for example in get_task(task_name).load("test", n, data_dir, offset=offset)]
+
+
+def coverage(plan: dict, rows_root: Path, data_dir: str | None) -> dict[str, dict]:
+    """Planned (example, method) cells per task and how many are filled."""
+    report = {}
+    for task_name, spec in plan["tasks"].items():
+        ids = planned_ids(task_name, spec, data_dir, primary=False)
+        methods = [plan["reference"], *plan["relaxed"]]
+        path = rows_root / task_name / "rows.jsonl"
+        rows = load_rows(path) if path.is_file() else []
+        have = {(row["example_id"], row["method"]) for row in rows}
+        missing = [(i, m) for i in ids for m in methods if (i, m) not in have]
+        report[task_name] = {"planned": len(ids) * len(methods), "filled": len(ids) * len(methods) - len(missing),
+                             "missing_examples": sorted({i for i, _ in missing})}
+    return report
+
+
+def analyse(plan: dict, rows_root: Path, data_dir: str | None) -> dict:
+    cover = coverage(plan, rows_root, data_dir)
+    result: dict = {"coverage": cover, "complete": all(not c["missing_examples"] for c in cover.values())}
+    tasks = list(plan["tasks"])
+    if not result["complete"]:
+        result["non_inferiority"] = {}
+        result["default"] = rule_default({}, {}, tasks)
+        return result
+    per_task = {}
+    for task_name, spec in plan["tasks"].items():
+        ids = set(planned_ids(task_name, spec, data_dir, primary=True))
+        per_task[task_name] = analyse_task(by_method(load_rows(rows_root / task_name / "rows.jsonl"), ids), plan)
+    alpha = plan["alpha"]
+    h1_adjusted = holm({t: per_task[t]["h1"]["p"] for t in tasks})
+    h2_adjusted = holm({f"{m}|{t}": per_task[t]["h2"][m]["p"] for t in tasks for m in plan["relaxed"]})
+    for t in tasks:
+        h1 = per_task[t]["h1"]
+        h1["p_holm"] = h1_adjusted[t]
+        h1["verdict"] = ("confirmed" if h1["p_holm"] < alpha else
+                         "refuted" if h1["upper_95"] < plan["h1_smallest_effect_of_interest"] else "undecided")
+        h1["detectable"] = detectable(h1["sd"], h1["n"], alpha / len(tasks), plan["power"])
+        h1["n_needed_for_observed"] = needed_n(h1["sd"], h1["mean"], alpha / len(tasks), plan["power"])
+        for m in plan["relaxed"]:
+            h2 = per_task[t]["h2"][m]
+            h2["p_holm"] = h2_adjusted[f"{m}|{t}"]
+            h2["non_inferior"] = h2["p_holm"] < alpha
+            # Margin plus this: the true difference from exact at which the test passes 80% of the time.
+            h2["detectable"] = detectable(h2["sd"], h2["n"], alpha / len(h2_adjusted), plan["power"])
+    non_inferior = {m: {t: per_task[t]["h2"][m]["non_inferior"] for t in tasks} for m in plan["relaxed"]}
+    acceptances = {m: {t: per_task[t]["h2"][m]["acceptance"] for t in tasks} for m in plan["relaxed"]}
+    result |= {"tasks": per_task, "non_inferiority": non_inferior, "acceptance": acceptances,
+               "default": rule_default(non_inferior, acceptances, tasks)}
+    return result
+
+
+def markdown(result: dict, plan: dict) -> str:
+    lines = ["# Confirmatory evaluation: results", "", "Written by `benchmarks/confirmatory.py` from the rows in this folder; the plan is PLAN.md.", "",
+             "## Coverage", "", "| task | planned cells | filled | examples still missing |", "|---|---|---|---|"]
+    for task, c in result["coverage"].items():
+        lines.append(f"| {task} | {c['planned']} | {c['filled']} | {len(c['missing_examples'])} |")
+    if not result["complete"]:
+        lines += ["", "Not every planned cell is filled: by the plan, no primary statistic is shown yet.",
+                  f"The rule therefore sees no non-inferior method, and the default is `{result['default']}`.", ""]
+        return "\n".join(lines)
+    lines += ["", "## H1: cascade:opt:0.3 against the static line (paired, one-sided t; Holm over 3)", "",
+              "| task | n | acceptance | bracket | minus the line | 95% CI (bootstrap) | p | p (Holm) | verdict | detectable at 80% | n for the observed effect |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task, r in result["tasks"].items():
+        h = r["h1"]
+        lines.append(f"| {task} | {h['n']} | {h['acceptance']:.1%} | {h['low']}–{h['high']} | {h['mean']:+.3f} | {h['ci_95'][0]:+.3f} to {h['ci_95'][1]:+.3f} "
+                     f"| {h['p']:.4f} | {h['p_holm']:.4f} | {h['verdict']} | {h['detectable']:.3f} | {h['n_needed_for_observed'] or '–'} |")
+    lines += ["", f"## H2: non-inferiority to exact (margin {plan['non_inferiority_margin']}; one-sided t; Holm over {len(plan['relaxed']) * len(result['tasks'])})", "",
+              "| method | " + " | ".join(f"{t}: acceptance, minus exact (lower 95%), p Holm" for t in result["tasks"]) + " | non-inferior everywhere |",
+              "|---|" + "---|" * (len(result["tasks"]) + 1)]
+    for m in plan["relaxed"]:
+        cells = [f"{r['h2'][m]['acceptance']:.1%}, {r['h2'][m]['mean']:+.3f} ({r['h2'][m]['lower_95']:+.3f}), {r['h2'][m]['p_holm']:.3f}{' ✓' if r['h2'][m]['non_inferior'] else ''}"
+                 for r in result["tasks"].values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'yes' if all(result['non_inferiority'][m].values()) else 'no'} |")
+    lines += ["", f"## The default by the written rule: `{result['default']}`", ""]
+    return "\n".join(lines)
+
+
+def planning(folders: list[str], plan: dict) -> None:
+    """Power for the planned n from paired SDs in earlier (exploratory) runs."""
+    for folder in folders:
+        grouped = by_method(load_rows(Path(folder) / "rows.jsonl"), None)
+        task = json.loads((Path(folder) / "settings.json").read_text())["task"]
+        n = plan["tasks"][task]["primary_n"]
+        k2 = len(plan["relaxed"]) * len(plan["tasks"])
+        statics = {label: acceptance(rows) for label, rows in grouped.items() if static_weight(label) is not None and label in plan["static_line"]}
+        if plan["h1_method"] in grouped:
+            placed = place(grouped[plan["h1_method"]], grouped, statics)
+            sd = one_sided_t(placed["differences"], 0)["sd"]
+            print(f"{folder}: H1 sd {sd:.3f} (n {placed['n']}): detectable at n={n}: +{detectable(sd, n, plan['alpha'] / 3, plan['power']):.3f}")
+        for m in plan["relaxed"]:
+            common = sorted(set(grouped.get(m, {})) & set(grouped["exact"]))
+            if len(common) > 1:
+                sd = one_sided_t([grouped[m][i]["score"] - grouped["exact"][i]["score"] for i in common], 0)["sd"]
+                print(f"{folder}: H2 {m} sd {sd:.3f} (n {len(common)}): passes at n={n} with 80% power when the true difference is at least "
+                      f"{-plan['non_inferiority_margin'] + detectable(sd, n, plan['alpha'] / k2, plan['power']):+.3f} (strictest Holm step) "
+                      f"or {-plan['non_inferiority_margin'] + detectable(sd, n, plan['alpha'], plan['power']):+.3f} (most lenient); "
+                      f"n for 80% power at a true difference of 0: {needed_n(sd, plan['non_inferiority_margin'], plan['alpha'] / k2, plan['power'])} "
+                      f"(strictest) to {needed_n(sd, plan['non_inferiority_margin'], plan['alpha'], plan['power'])} (most lenient)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", default=str(FOLDER), help="the confirmatory folder: plan.json, and one subfolder of rows per task")
+    parser.add_argument("--data-dir", help="task data (default: $DIVERSED_DATA_DIR)")
+    parser.add_argument("--planning", nargs="+", metavar="FOLDER", help="only print power from these earlier eval folders")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    plan = json.loads((folder / "plan.json").read_text())
+    if args.planning:
+        planning(args.planning, plan)
+        return 0
+    result = analyse(plan, folder, args.data_dir)
+    (folder / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (folder / "results.md").write_text(markdown(result, plan) + "\n")
+    print(markdown(result, plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
