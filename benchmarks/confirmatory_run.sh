@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/results/confirmatory
 batch=${BATCH:-32}
-common=(--seed 20261203 --temperature 1 --draft-length 5 --backend torch --lockstep "$batch")
+common=(--seed 20261203 --temperature 1 --draft-length 5 --backend torch --dtype float32 --lockstep "$batch")
 planned=exact,static:0.9,static:0.7,static:0.5,static:0.3,cascade:opt:0,cascade:opt:0.3,klgate:1
 judge=judge:docs/results/gsm8k-issue15/judge-gsm8k-flip.json:0.5
 part() { echo "== $(date -u +%FT%TZ) $*" >&2; diversed eval "$@" "${common[@]}"; }
