@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from .base import Example, Task
+from ..sandbox import TestPlan
 from .scoring import extract_code, passes
 
 
@@ -51,4 +52,12 @@ class HumanEval(Task):
             program = f"{fields['prompt']}    pass\n\n{code}"
         else:
             program = fields["prompt"] + code  # a function body (plain completion)
-        return passes(program, [fields["test"], f"check({entry_point})"])
+        return passes(program, self.plan(example))
+
+    def plan(self, example: Example) -> TestPlan:
+        """`check` runs in the trusted judge with the prompt's own helpers (`poly`,
+        `encode_cyclic`, ...), so redefining them in the answer changes nothing; only the entry
+        point is the candidate's."""
+        fields = example.fields
+        entry_point = fields["entry_point"]
+        return TestPlan(checks=(fields["test"], f"check({entry_point})"), remote=(entry_point,), helpers=f"{fields['prompt']}    pass\n")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ast
+
+from ..sandbox import TestPlan
 from .base import Example, Task, data_file, read_jsonl
 from .scoring import extract_code, passes
 
@@ -42,10 +45,31 @@ class MBPP(Task):
         return ("```",) if raw else ()
 
     def score(self, example: Example, completion: str) -> float:
+        return passes(extract_code(completion), self.plan(example))
+
+    def plan(self, example: Example) -> TestPlan:
+        """Each assert is a check of its own in the trusted judge. The names it calls that the
+        reference solution defines (task 126's `sum` included) are the candidate's; the setup
+        code, where MBPP has any, builds objects of classes the solution defines (tasks 367 and
+        927's trees of `Node`s), so it runs in the candidate's process and its names are passed
+        to the candidate by reference. The reference's imports (task 596's `sys`) are the judge's."""
         fields = example.fields
-        # Each assert runs as a test of its own after the solution, so the harness knows they all
-        # ran. The setup code goes first: where MBPP has any, it builds objects of classes the
-        # solution defines (task 367's tree of `Node`s).
-        setup = fields.get("test_setup_code") or ""
-        tests = ([setup] if setup.strip() else []) + list(fields["test_list"])
-        return passes(extract_code(completion), tests)
+        setup = (fields.get("test_setup_code") or "").replace("\r\n", "\n")
+        reference = ast.parse(fields["code"].replace("\r\n", "\n"))
+        candidate_names = _top_level_names(reference) | (_top_level_names(ast.parse(setup)) if setup.strip() else set())
+        used = {node.id for test in fields["test_list"] for node in ast.walk(ast.parse(test)) if isinstance(node, ast.Name)}
+        imports = "\n".join(ast.unparse(node) for node in reference.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+        return TestPlan(checks=tuple(fields["test_list"]), remote=tuple(sorted(candidate_names & used)), helpers=imports,
+                        candidate_setup=setup)
+
+
+def _top_level_names(module: ast.Module) -> set[str]:
+    """Functions, classes and variables a module defines at its top level."""
+    names = set()
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names

@@ -11,7 +11,7 @@ import logging
 import re
 from typing import Sequence
 
-from ..sandbox import Limits, SandboxUnavailable, run_python
+from ..sandbox import Limits, SandboxUnavailable, TestPlan, run_tests
 
 log = logging.getLogger("diversed.tasks")
 
@@ -32,14 +32,14 @@ def extract_code(completion: str) -> str:
     return blocks[0][1] if blocks else completion
 
 
-def passes(program: str, tests: Sequence[str] = (), limits: Limits = CODE_LIMITS) -> float:
-    """1.0 if the sandbox's harness reports that the program and then every test ran to the end.
+def passes(program: str, plan: TestPlan, limits: Limits = CODE_LIMITS) -> float:
+    """1.0 if the sandbox's trusted judge ran every check of `plan` against the program to the end.
 
     Never raises for anything the code does: a failure to score is a score of 0.0 (logged with its
     reason). Only a host that cannot isolate code, without --unsafe-sandbox, raises.
     """
     try:
-        result = run_python(program, limits, tests)
+        result = run_tests(program, plan, limits)
     except SandboxUnavailable:
         raise
     except Exception as exc:  # the sandbox's own failure: scored as a failure, never a crash
