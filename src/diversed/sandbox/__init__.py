@@ -191,6 +191,8 @@ class TestPlan:
         which builds objects of classes the program defines).
     """
 
+    __test__ = False  # not a pytest class, despite its name
+
     checks: tuple[str, ...] = ()
     remote: tuple[str, ...] = ()
     helpers: str = ""

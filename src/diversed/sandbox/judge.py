@@ -20,6 +20,9 @@ if __package__:  # imported by a test; the launcher concatenates the sources ins
     from .codec import CodecError, Ref, from_plain, read_frame, to_plain, write_frame  # noqa: F401
 
 
+JUDGE_TAG = "__diversed_sandbox_judge__"  # in the judge's command line (tests look for it)
+
+
 class CandidateError(Exception):
     """The candidate raised, exited, or answered with something that is not plain data."""
 
