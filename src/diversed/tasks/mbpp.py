@@ -11,9 +11,9 @@ from pathlib import Path
 
 import ast
 
-from ..sandbox import TestPlan
+from ..sandbox import SandboxResult, TestPlan
 from .base import Example, Task, data_file, read_jsonl
-from .scoring import extract_code, passes
+from .scoring import extract_code, run_checks
 
 SPLITS = {"test": range(11, 511), "validation": range(511, 601), "train": range(601, 975), "prompt": range(1, 11)}
 
@@ -45,7 +45,11 @@ class MBPP(Task):
         return ("```",) if raw else ()
 
     def score(self, example: Example, completion: str) -> float:
-        return passes(extract_code(completion), self.plan(example))
+        return 1.0 if self.run_checks(example, completion).passed else 0.0
+
+    def run_checks(self, example: Example, completion: str) -> SandboxResult:
+        """The sandbox's result for a completion: passed, and why not."""
+        return run_checks(extract_code(completion), self.plan(example))
 
     def plan(self, example: Example) -> TestPlan:
         """Each assert is a check of its own in the trusted judge. The names it calls that the
