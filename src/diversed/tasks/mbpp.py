@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ast
+import warnings
 
 from ..sandbox import SandboxResult, TestPlan
 from .base import Example, Task, data_file, read_jsonl
@@ -59,12 +60,17 @@ class MBPP(Task):
         to the candidate by reference. The reference's imports (task 596's `sys`) are the judge's."""
         fields = example.fields
         setup = (fields.get("test_setup_code") or "").replace("\r\n", "\n")
-        reference = ast.parse(fields["code"].replace("\r\n", "\n"))
-        candidate_names = _top_level_names(reference) | (_top_level_names(ast.parse(setup)) if setup.strip() else set())
-        used = {node.id for test in fields["test_list"] for node in ast.walk(ast.parse(test)) if isinstance(node, ast.Name)}
+        tests = tuple(fields["test_list"])
+        try:
+            with warnings.catch_warnings():  # old references hold regexes in plain strings
+                warnings.simplefilter("ignore")
+                reference = ast.parse(fields["code"].replace("\r\n", "\n"))
+                candidate_names = _top_level_names(reference) | (_top_level_names(ast.parse(setup)) if setup.strip() else set())
+                used = {node.id for test in tests for node in ast.walk(ast.parse(test)) if isinstance(node, ast.Name)}
+        except SyntaxError:  # a row we cannot read: the tests' free names are the candidate's
+            return TestPlan.from_tests(tests)
         imports = "\n".join(ast.unparse(node) for node in reference.body if isinstance(node, (ast.Import, ast.ImportFrom)))
-        return TestPlan(checks=tuple(fields["test_list"]), remote=tuple(sorted(candidate_names & used)), helpers=imports,
-                        candidate_setup=setup)
+        return TestPlan(checks=tests, remote=tuple(sorted(candidate_names & used)), helpers=imports, candidate_setup=setup)
 
 
 def _top_level_names(module: ast.Module) -> set[str]:
