@@ -40,9 +40,16 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         markup.append(text[start:found])
         start = found + len(holder)
     markup.append(text[start:])
-    markup_ids = tokenizer(markup, add_special_tokens=False).input_ids
-    content_ids = tokenizer([m["content"] for m in messages], add_special_tokens=False, split_special_tokens=True).input_ids
+    markup_ids = _encode_each(tokenizer, markup)
+    content_ids = _encode_each(tokenizer, [m["content"] for m in messages], split_special_tokens=True)
     ids: list[int] = []
     for before, content in zip(markup_ids, content_ids):
         ids += before + content
     return ids + markup_ids[-1]
+
+
+def _encode_each(tokenizer: Any, texts: list[str], **options: Any) -> list[list[int]]:
+    """Token ids of each text: one batched call over the distinct texts (markup repeats a lot)."""
+    distinct = list(dict.fromkeys(texts))
+    ids = dict(zip(distinct, tokenizer(distinct, add_special_tokens=False, **options).input_ids))
+    return [ids[text] for text in texts]

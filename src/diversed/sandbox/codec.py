@@ -158,8 +158,8 @@ def read_frame(fd):
         raise CodecError(f"a frame of {size} bytes, over the limit")
     try:
         message = json.loads(_read_exactly(fd, size))
-    except ValueError as exc:  # bad JSON, or an int too long to parse
-        raise CodecError(f"a malformed frame: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON, an int too long to parse, nesting too deep
+        raise CodecError(f"a malformed frame: {type(exc).__name__}") from None
     if type(message) is not dict:
         raise CodecError("a malformed frame")
     return message

@@ -21,6 +21,7 @@ if __package__:  # imported by a test; the launcher concatenates the sources ins
 
 
 JUDGE_TAG = "__diversed_sandbox_judge__"  # in the judge's command line (tests look for it)
+JUDGE_MEMORY_BYTES = 4 << 30
 
 
 class CandidateError(Exception):
@@ -143,6 +144,10 @@ def verdict(plan, channel):
 
 def main():
     plan = json.loads(sys.stdin.readline())
+    # The checks are trusted, the values they get are not: a result can be large, not unbounded.
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (JUDGE_MEMORY_BYTES, JUDGE_MEMORY_BYTES))
     out = os.dup(1)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what the checks print does not mix with the verdict
     result = verdict(plan, Channel(plan["request_fd"], plan["reply_fd"]))
