@@ -54,8 +54,8 @@ class Limits:
     """Resource limits of one sandboxed run."""
 
     seconds: float = 10.0  # wall clock; the CPU limit is derived from it
-    memory_bytes: int = 2 << 30  # address space per process
-    max_processes: int = 64  # processes + threads (fork-bomb guard)
+    memory_bytes: int = 2 << 30  # the whole run (its cgroup, shared memory included), and each process's address space
+    max_processes: int = 64  # processes + threads of the run (fork-bomb guard)
     max_file_bytes: int = 16 << 20  # largest file the program may write
     disk_bytes: int = 64 << 20  # size of the private tmpfs working directory (namespaces only)
     open_files: int = 256
@@ -69,8 +69,6 @@ class SandboxResult:
     stdout: str  # the last few thousand characters
     stderr: str
     isolation: dict[str, bool]  # what the worker achieved: namespaces, minimal_root, readonly_fs, separate_user, cgroup, seccomp
-
-
 
 
 def _source(*modules: str) -> str:
@@ -385,7 +383,7 @@ def _tail(file) -> str:
 
 @functools.cache
 def isolation() -> dict[str, bool]:
-    """What this host gives a sandboxed program: {"namespaces", "readonly_fs", "separate_user", "seccomp"}."""
+    """What this host gives a sandboxed program: {"namespaces", "minimal_root", "readonly_fs", "separate_user", "cgroup", "seccomp"}."""
     return dict(run_python("pass", Limits(seconds=20), allow_unisolated=True).isolation)
 
 
@@ -394,6 +392,3 @@ __all__ = [
     "allow_unisolated", "unisolated_allowed", "UNSAFE_ENV",
 ]
 
-
-if __name__ == "__main__":  # `python -m diversed.sandbox`: report this host's isolation level
-    print(json.dumps({**isolation(), **asdict(Limits())}, indent=2))
