@@ -102,7 +102,7 @@ def run_checks(plan, channel):
         exec(compile(plan["helpers"], "helpers.py", "exec"), namespace)
         for name in plan["remote"]:
             namespace[name] = Remote(name, channel)
-        if plain_text(plan["candidate_setup"]):
+        if plan["candidate_setup"].strip():
             channel.ask({"op": "exec", "source": plan["candidate_setup"]})
         for i, check in enumerate(plan["checks"]):
             exec(compile(check, f"check{i}.py", "exec"), namespace)
@@ -110,10 +110,6 @@ def run_checks(plan, channel):
     except BaseException as exc:  # a failed assert, the candidate's error, a timeout of ours
         return done, exc
     return done, None
-
-
-def plain_text(text):
-    return bool(text and text.strip())
 
 
 def describe(exc):
