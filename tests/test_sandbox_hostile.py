@@ -279,6 +279,7 @@ def run_dirs() -> set[str]:
     return {p.name for p in Path("/tmp").glob("diversed-sandbox-*")}
 
 
+@pytest.mark.skipif(not os_level_isolation(), reason="without namespaces a forked child outlives a killed parent until the next run")
 def test_no_orphans_after_the_parent_is_killed():
     before = run_dirs()
     src = str(Path(sandbox.__file__).resolve().parents[2])
@@ -294,7 +295,7 @@ def test_no_orphans_after_the_parent_is_killed():
     while (sandbox_processes() or judge_processes()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not sandbox_processes() and not judge_processes(), "processes of the run outlived their parent"
-    if os_level_isolation():
+    if sandbox.isolation().get("minimal_root"):
         assert run_dirs() <= before, "the run left a folder behind"
     run_python("pass", FAST)  # sweeps the dead run's cgroups
     for base in Path("/sys/fs/cgroup").glob(f"**/{'diversed-runs'}"):
