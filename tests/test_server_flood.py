@@ -21,7 +21,10 @@ def test_a_flood_of_chat_messages_is_refused_before_any_work(server):  # noqa: F
         small = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4})
         small_seconds = time.perf_counter() - started
         statuses = [f.result().status_code for f in floods]
-    assert small.status_code == 200 and statuses == [400, 400]
+    assert small.status_code == 200
+    # 400: over the message cap; 408 where a loaded machine cannot take 4.7 MiB within this
+    # fixture's 1 s body timeout. Never a 200, and never the ~49 s of work this once cost.
+    assert set(statuses) <= {400, 408}, statuses
     assert small_seconds < 5, small_seconds  # a generous bound on a loaded 2-core machine
 
 
