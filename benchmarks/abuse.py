@@ -1,4 +1,4 @@
-"""Abuse test for `diversed serve` (issue 17): load, slowloris, drop-mid-body and huge prompts
+"""Abuse test for `diversed serve` (issues 17, 26): load, slowloris, drop-mid-body, huge prompts and chat floods
 against a real server process on 127.0.0.1 (tiny random models), with /health polled all along.
 
     python benchmarks/abuse.py                     # every case, bounded in count and time
@@ -155,8 +155,23 @@ def attack_huge_prompts(url: str, args: argparse.Namespace) -> tuple[int, Counte
     return len(bodies), statuses
 
 
+def attack_chat_flood(url: str, args: argparse.Namespace) -> tuple[int, Counter]:
+    """Chats of 120,000 `<|user|>` messages (4.7 MiB, under the body and prompt limits), and a
+    4-token request sent while they are in: its status and latency are counted as `small`."""
+    flood = {"messages": [{"role": "user", "content": "<|user|>"}] * 120_000, "max_tokens": 4}
+    with ThreadPoolExecutor(args.chat_floods) as pool:
+        floods = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=flood, timeout=300) for _ in range(args.chat_floods)]
+        time.sleep(0.5)
+        started = time.perf_counter()
+        small = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=300)
+        statuses = Counter(f.result().status_code for f in floods)
+    statuses[f"small {small.status_code} in {time.perf_counter() - started:.2f} s"] += 1
+    return args.chat_floods + 1, statuses
+
+
 ATTACKS: dict[str, Callable[[str, argparse.Namespace], tuple[int, Counter]]] = {
     "load": attack_load, "slowloris": attack_slowloris, "drop mid-body": attack_drop_mid_body, "huge prompt": attack_huge_prompts,
+    "chat flood": attack_chat_flood,
 }
 
 
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, default=15.0, help="seconds a slow connection waits for the server to act (default %(default)s)")
     parser.add_argument("--drops", type=int, default=20, help="clients that leave mid-body (default %(default)s)")
     parser.add_argument("--huge", type=int, default=3, help="7 MB prompts, and as many ~1 MB ones (default %(default)s)")
+    parser.add_argument("--chat-floods", type=int, default=2, help="chats of 120,000 messages (default %(default)s)")
     parser.add_argument("--header-timeout", type=float, default=5.0, help="the server's --header-timeout (default %(default)s)")
     parser.add_argument("--health-limit", type=float, default=0.5, help="slowest acceptable /health, seconds (default %(default)s)")
     args = parser.parse_args(argv)

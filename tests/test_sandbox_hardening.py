@@ -95,10 +95,6 @@ def test_internal_failure_is_a_scored_failure_not_an_exception():
     assert get_task("mbpp").score(MBPP_ROW, "def add(a, b):\n    return a + b  # \ud800\n") == 0.0
 
 
-def test_real_time_signal_is_reported():
-    assert sandbox._reason(-40, False, 3, {}, 0, "") == "killed by signal 40"
-
-
 # ----------------------------------------------------------------------------- both modes
 
 

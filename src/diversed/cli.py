@@ -91,7 +91,10 @@ def method_spec_from_args(args: argparse.Namespace) -> MethodSpec | None:
 
 def config_from_args(args: argparse.Namespace, stop: tuple[str, ...] = ()) -> GenerationConfig:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    limits = {"max_draft_length": args.max_draft_length} if getattr(args, "max_draft_length", None) else {}
+    max_draft_length = getattr(args, "max_draft_length", None)
+    if max_draft_length is not None and max_draft_length < 1:
+        raise UserInputError(f"--max-draft-length must be at least 1, got {max_draft_length}")
+    limits = {"max_draft_length": max_draft_length} if max_draft_length is not None else {}
     return GenerationConfig(args.max_new_tokens, parse_draft_length(args.draft_length), sampling, args.seed, stop,
                             draft_confidence=args.draft_confidence, proposer=NGRAM if args.draft == NGRAM else "model",
                             bias_budget=args.bias_budget, **limits)

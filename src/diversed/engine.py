@@ -189,6 +189,8 @@ def autoregressive_step(
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """The sampling generator, on the device the probabilities live on."""
+    if seed is not None and not -(1 << 63) <= seed < (1 << 64):  # what torch.Generator.manual_seed takes
+        raise UserInputError(f"the seed must be in [-2**63, 2**64), got {'a number' if abs(seed) > 1 << 80 else seed}")
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -217,7 +219,7 @@ def decode(
     EOS ends generation and is not yielded.
     """
     if not prompt_ids:
-        raise UserInputError("the prompt is empty")
+        raise UserInputError("the prompt encodes to no tokens: this model's tokenizer dropped all of its characters")
     if verifier is not None and proposer is None:
         raise UserInputError("speculative methods need a draft model or a proposer (--draft)")
     if policy is None:

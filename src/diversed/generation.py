@@ -111,6 +111,16 @@ def make_policy(pair: ModelPair, config: GenerationConfig) -> DraftLengthPolicy:
     return AdaptiveDraftLength(step_costs(pair, config.max_draft_length, config.proposer), config.max_draft_length)
 
 
+def require_utf8(prompt: str | list[dict[str, str]]) -> None:
+    """A one-line error for text that is not valid UTF-8 (bytes a shell passed through, lone surrogates)."""
+    texts = [prompt] if isinstance(prompt, str) else [str(m.get("content", "")) for m in prompt]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserInputError("the prompt is not valid UTF-8 text") from None
+
+
 def encode_prompt(pair: ModelPair, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
     """Token ids for a prompt: wrapped in the target's chat template unless `raw`.
 
@@ -119,6 +129,7 @@ def encode_prompt(pair: ModelPair, prompt: str | list[dict[str, str]], raw: bool
     tokenizer = pair.tokenizer
     if isinstance(prompt, str) and not prompt.strip():
         raise UserInputError("the prompt is empty")
+    require_utf8(prompt)
     if raw:
         if not isinstance(prompt, str):
             raise UserInputError("a raw prompt must be a string")

@@ -120,6 +120,13 @@ def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> "E
         raise HeadMismatchError(
             f"head {str(base)!r} was trained for another model pair ({'; '.join(head_pair.differences(pair))})"
         )
-    head = EnsembleHead(HeadConfig(head_pair, meta))
-    head.load_state_dict(load_file(str(base.with_suffix(".safetensors"))))
+    weights = base.with_suffix(".safetensors")
+    try:
+        head = EnsembleHead(HeadConfig(head_pair, meta))
+        head.load_state_dict(load_file(str(weights)))
+    except FileNotFoundError:
+        raise UserInputError(f"head {str(base)!r} has no weights file {weights.name}") from None
+    except Exception as exc:  # safetensors' own errors, a wrong shape or key, a bad config value
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"head {str(base)!r}: {weights.name} does not fit its config: {first_line}") from None
     return head.eval()

@@ -20,6 +20,7 @@ refuses another), the projection it read, and how it was fitted.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,6 +54,14 @@ class JudgeHead:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # label, data, fit settings
 
     def __post_init__(self) -> None:
+        if not isinstance(self.features, tuple) or not all(isinstance(name, str) for name in self.features):
+            raise UserInputError("judge head: `features` must be a list of feature names")
+        for name in ("mean", "scale", "coef"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not all(_finite_number(v) for v in values):
+                raise UserInputError(f"judge head: `{name}` must be a list of finite numbers")
+        if not _finite_number(self.intercept) or not all(self.scale):
+            raise UserInputError("judge head: `intercept` must be a finite number and no `scale` may be 0")
         unknown = [name for name in self.features if name not in FEATURES]
         if unknown:
             raise UserInputError(f"judge head uses unknown features {unknown}; this version computes {', '.join(FEATURES)}")
@@ -104,6 +113,10 @@ class JudgeHead:
         known["projection"] = meta.pop("projection", None)
         meta.pop("format", None)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()}, extra=meta)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_judge_meta(meta: dict[str, Any]) -> bool:

@@ -47,10 +47,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def writable_folder(folder: Path) -> Path:
+    """`folder`, created if needed and proven writable; a one-line error when it cannot be (an
+    existing file, a path under a file, a read-only place, /proc)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"cannot write to the folder {str(folder)[:300]!r}: {exc.strerror or exc}; choose another --out") from None
+    return folder
+
+
 @contextmanager
 def locked_folder(folder: Path, command: str = "diversed eval") -> Iterator[None]:
     """Hold an exclusive lock on `folder` (created if needed) so two runs cannot interleave rows."""
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_folder(folder)
     with open(folder / LOCK_FILE, "a") as lock:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

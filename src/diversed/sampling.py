@@ -7,6 +7,7 @@ so `q` is exactly the distribution the drafted token was sampled from (docs/meth
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 disables nucleus filtering
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise UserInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise UserInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise UserInputError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:

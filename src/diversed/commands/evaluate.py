@@ -14,6 +14,7 @@ from ..generation import MethodSpec, check_spec
 from ..methods import METHODS, spec_syntax
 from ..models import DEFAULT_DRAFT, DEFAULT_TARGET
 from ..sampling import SamplingParams
+from ..run_files import writable_folder
 from ..sandbox import require_isolation
 from ..tasks import TASKS, Example, Task, get_task
 
@@ -68,8 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         draft_length=config.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
         draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=resolve_backend(args), proposer=config.proposer,
     )
-    out_dir = Path(args.out)
-    check_settings(out_dir, settings)  # fail before the (slow) model load
+    out_dir = writable_folder(Path(args.out))  # fail before the (slow) model load
+    check_settings(out_dir, settings)
     pair = pair_from_args(args, needs_draft=any(spec.method != "ar" for spec in specs))
     summary = run_eval(pair, task, examples, specs, settings, out_dir, lockstep=args.lockstep)
     print(summary_markdown(summary))

@@ -181,7 +181,8 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
 
     async def start_job(body: GenerationBody, flavor: Flavor) -> Job:
         if body.model is not None and body.model != model_name:
-            raise ApiError(f"the model {body.model!r} does not exist; this server serves {model_name!r}", status=404, param="model", code="model_not_found")
+            shown = body.model if len(body.model) <= 100 else body.model[:100] + "…"  # never echo an unbounded name
+            raise ApiError(f"the model {shown!r} does not exist; this server serves {model_name!r}", status=404, param="model", code="model_not_found")
         prompt, raw = flavor.prompt(body)
         check_prompt_size(prompt, settings.max_prompt_bytes)
         spec = resolve_spec(body.speculative, default_spec, settings)

@@ -1,7 +1,8 @@
 """What keeps one request or one client from stalling or crashing `diversed serve` (issue 17).
 
 - Body and prompt limits, checked before any tokenisation: the body streams in under a read
-  timeout, the prompt's UTF-8 size is bounded by `--max-prompt-bytes`.
+  timeout, the prompt's UTF-8 size is bounded by `--max-prompt-bytes`, a chat has at most
+  MAX_MESSAGES messages.
 - Only `Content-Type: application/json` bodies (a browser cannot send those cross-site
   without a CORS preflight, which this server never grants).
 - Connection-level limits for uvicorn: a header-read timeout (uvicorn has none for a fresh
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
 MAX_PROMPT_BYTES = 1 << 20  # a context window of text is far less; tokenising more only costs time
+# Chat messages per request: far more than any conversation a context window holds. Rendering the
+# chat template is linear but not interruptible, so the count is what bounds that work.
+MAX_MESSAGES = 4096
 BODY_TIMEOUT_S = 30.0  # the whole body must arrive within this
 HEADER_TIMEOUT_S = 10.0  # request line and headers must arrive within this
 KEEP_ALIVE_S = 5

@@ -132,7 +132,7 @@ class _Message(BaseModel):
 
 
 class ChatBody(GenerationBody):
-    messages: list[_Message] = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1, max_length=limits.MAX_MESSAGES)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens in chat
 
     def token_budget(self) -> int | None:

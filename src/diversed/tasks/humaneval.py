@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from .base import Example, Task
-from .scoring import extract_code, passes
+from ..sandbox import SandboxResult, TestPlan
+from .scoring import extract_code, run_checks
 
 
 class HumanEval(Task):
@@ -42,6 +43,10 @@ class HumanEval(Task):
         return ("\nclass", "\ndef", "\n#", "\nif", "\nprint") if raw else ()
 
     def score(self, example: Example, completion: str) -> float:
+        return 1.0 if self.run_checks(example, completion).passed else 0.0
+
+    def run_checks(self, example: Example, completion: str) -> SandboxResult:
+        """The sandbox's result for a completion: passed, and why not."""
         fields = example.fields
         entry_point = fields["entry_point"]
         code = extract_code(completion)
@@ -51,4 +56,12 @@ class HumanEval(Task):
             program = f"{fields['prompt']}    pass\n\n{code}"
         else:
             program = fields["prompt"] + code  # a function body (plain completion)
-        return passes(program, [fields["test"], f"check({entry_point})"])
+        return run_checks(program, self.plan(example))
+
+    def plan(self, example: Example) -> TestPlan:
+        """`check` runs in the trusted judge with the prompt's own helpers (`poly`,
+        `encode_cyclic`, ...), so redefining them in the answer changes nothing; only the entry
+        point is the candidate's."""
+        fields = example.fields
+        entry_point = fields["entry_point"]
+        return TestPlan(checks=(fields["test"], f"check({entry_point})"), remote=(entry_point,), helpers=f"{fields['prompt']}    pass\n")

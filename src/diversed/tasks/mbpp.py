@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ast
+import warnings
+
+from ..sandbox import SandboxResult, TestPlan
 from .base import Example, Task, data_file, read_jsonl
-from .scoring import extract_code, passes
+from .scoring import extract_code, run_checks
 
 SPLITS = {"test": range(11, 511), "validation": range(511, 601), "train": range(601, 975), "prompt": range(1, 11)}
 
@@ -42,10 +46,40 @@ class MBPP(Task):
         return ("```",) if raw else ()
 
     def score(self, example: Example, completion: str) -> float:
+        return 1.0 if self.run_checks(example, completion).passed else 0.0
+
+    def run_checks(self, example: Example, completion: str) -> SandboxResult:
+        """The sandbox's result for a completion: passed, and why not."""
+        return run_checks(extract_code(completion), self.plan(example))
+
+    def plan(self, example: Example) -> TestPlan:
+        """Each assert is a check of its own in the trusted judge. The names it calls that the
+        reference solution defines (task 126's `sum` included) are the candidate's; the setup
+        code, where MBPP has any, builds objects of classes the solution defines (tasks 367 and
+        927's trees of `Node`s), so it runs in the candidate's process and its names are passed
+        to the candidate by reference. The reference's imports (task 596's `sys`) are the judge's."""
         fields = example.fields
-        # Each assert runs as a test of its own after the solution, so the harness knows they all
-        # ran. The setup code goes first: where MBPP has any, it builds objects of classes the
-        # solution defines (task 367's tree of `Node`s).
-        setup = fields.get("test_setup_code") or ""
-        tests = ([setup] if setup.strip() else []) + list(fields["test_list"])
-        return passes(extract_code(completion), tests)
+        setup = (fields.get("test_setup_code") or "").replace("\r\n", "\n")
+        tests = tuple(fields["test_list"])
+        try:
+            with warnings.catch_warnings():  # old references hold regexes in plain strings
+                warnings.simplefilter("ignore")
+                reference = ast.parse(fields["code"].replace("\r\n", "\n"))
+                candidate_names = _top_level_names(reference) | (_top_level_names(ast.parse(setup)) if setup.strip() else set())
+                used = {node.id for test in tests for node in ast.walk(ast.parse(test)) if isinstance(node, ast.Name)}
+        except SyntaxError:  # a row we cannot read: the tests' free names are the candidate's
+            return TestPlan.from_tests(tests)
+        imports = "\n".join(ast.unparse(node) for node in reference.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+        return TestPlan(checks=tests, remote=tuple(sorted(candidate_names & used)), helpers=imports, candidate_setup=setup)
+
+
+def _top_level_names(module: ast.Module) -> set[str]:
+    """Functions, classes and variables a module defines at its top level."""
+    names = set()
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names

@@ -11,7 +11,7 @@ import logging
 import re
 from typing import Sequence
 
-from ..sandbox import Limits, SandboxUnavailable, run_python
+from ..sandbox import Limits, SandboxResult, SandboxUnavailable, TestPlan, run_tests
 
 log = logging.getLogger("diversed.tasks")
 
@@ -32,20 +32,19 @@ def extract_code(completion: str) -> str:
     return blocks[0][1] if blocks else completion
 
 
-def passes(program: str, tests: Sequence[str] = (), limits: Limits = CODE_LIMITS) -> float:
-    """1.0 if the sandbox's harness reports that the program and then every test ran to the end.
+def run_checks(program: str, plan: TestPlan, limits: Limits = CODE_LIMITS) -> SandboxResult:
+    """The sandbox's result for `program` against `plan` (its `reason` says why a run failed).
 
-    Never raises for anything the code does: a failure to score is a score of 0.0 (logged with its
-    reason). Only a host that cannot isolate code, without --unsafe-sandbox, raises.
+    Never raises for anything the code does: the sandbox's own failure is a failed result (and
+    logged). Only a host that cannot isolate code, without --unsafe-sandbox, raises.
     """
     try:
-        result = run_python(program, limits, tests)
+        return run_tests(program, plan, limits)
     except SandboxUnavailable:
         raise
     except Exception as exc:  # the sandbox's own failure: scored as a failure, never a crash
         log.warning("could not score a program: %s: %s", type(exc).__name__, exc)
-        return 0.0
-    return 1.0 if result.passed else 0.0
+        return SandboxResult(False, f"sandbox error: {type(exc).__name__}: {exc}", 0.0, "", "", {})
 
 
 @functools.cache
