@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,7 +43,7 @@ class BatchLayout:
 
     num_draft_tokens: list[int]  # n_i per request
 
-    @property
+    @cached_property
     def starts(self) -> list[int]:
         starts, total = [], 0
         for n in self.num_draft_tokens:
@@ -132,7 +133,8 @@ def _assemble(
     device = output.device
     index = torch.tensor(requests, dtype=torch.long, device=device)  # [R]
     n = torch.tensor([layout.num_draft_tokens[i] for i in requests], dtype=torch.long, device=device)  # [R]
-    start = torch.tensor([layout.starts[i] for i in requests], dtype=torch.long, device=device)  # [R]
+    starts = layout.starts
+    start = torch.tensor([starts[i] for i in requests], dtype=torch.long, device=device)  # [R]
     position = torch.arange(max_spec_len, device=device)  # [S]
     valid = position.unsqueeze(0) < n.unsqueeze(1)  # [R, S]
     flat = (start.unsqueeze(1) + position.unsqueeze(0)).clamp_max(max(draft_token_ids.shape[0] - 1, 0))  # [R, S]
