@@ -9,6 +9,8 @@ tests/test_vllm_law.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -152,3 +154,33 @@ def test_the_cpu_expand_replacement_matches_the_definition():
     assert expanded.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.7, 0.7, 0.7])
     top_k = expand_batch_to_tokens(torch.tensor([5, 7], dtype=torch.int32), torch.tensor([1, 3], dtype=torch.int32), 3)
     assert top_k.tolist() == [5, 7, 7] and top_k.dtype == torch.int32
+
+
+def test_engine_vllm_without_vllm_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from diversed.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
+    assert main(["serve", "--engine", "vllm", "--method", "static", "--weight", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --engine vllm needs vLLM 0.32.0") and "\n" not in err
+
+
+def test_engine_vllm_refuses_a_method_vllm_cannot_verify(monkeypatch, capsys):
+    from diversed.cli import main
+    from diversed.integrations.vllm import launch
+
+    monkeypatch.setattr(launch, "require_vllm", lambda: "0.32.0")
+    assert main(["serve", "--engine", "vllm", "--method", "lenient"]) == 2
+    assert "--engine vllm verifies with exact, static, cascade, klgate, entgate" in capsys.readouterr().err
+
+
+def test_the_vllm_server_command_line():
+    from diversed.integrations.vllm.launch import serve_argv
+
+    argv = serve_argv("/m/target", "/m/draft", host="127.0.0.1", port=8001, model_name=None, dtype="bfloat16")
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m/target"]
+    speculative = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert speculative["model"] == "/m/draft" and speculative["draft_sample_method"] == "probabilistic"
+    assert argv[argv.index("--per-request-spec-decode-metrics") + 1] == "summary"
