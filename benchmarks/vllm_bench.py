@@ -68,7 +68,7 @@ def engine(target: Path, draft: Path | None, args):
 
     speculative = None if draft is None else {
         "method": "draft_model", "model": str(draft), "num_speculative_tokens": args.k, "draft_sample_method": "probabilistic"}
-    return LLM(model=str(target), dtype="bfloat16", max_model_len=1024, seed=0, enforce_eager=True, max_num_seqs=8,
+    return LLM(model=str(target), dtype=args.dtype, max_model_len=1024, seed=0, enforce_eager=True, max_num_seqs=8,
                kv_cache_memory_bytes=args.kv_cache_gib << 30, generation_config="vllm", distributed_executor_backend="uni",
                disable_log_stats=False, speculative_config=speculative)
 
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="vLLM's compute dtype; float32 on CPUs without AVX-512 BF16, where oneDNN has no bf16 matmul")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON lines here")
@@ -95,7 +97,7 @@ def main() -> None:
     target, draft = convert_embedded(DEFAULT_TARGET), convert_embedded(DEFAULT_DRAFT)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     print(f"# vLLM {vllm.__version__}, CPU {cpu}, {os.cpu_count()} cores, T={args.temperature}, k={args.k}, {args.max_tokens} tokens, "
-          f"{args.prompts} GSM8K prompts", flush=True)
+          f"{args.prompts} GSM8K prompts, {args.dtype}", flush=True)
     texts = prompts(args.data_dir, args.prompts, AutoTokenizer.from_pretrained(str(target)))
     methods = args.methods.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]

@@ -105,3 +105,77 @@ def test_bad_requests_get_one_clear_error(llm):
     with pytest.raises(VLLMValidationError, match="temperature > 0"):
         llm.generate([{"prompt_token_ids": PROMPT}], SamplingParams(temperature=0, max_tokens=1, extra_args={"speculative": {"weight": 0.5}}),
                      use_tqdm=False)
+
+
+# --------------------------------------------------------------------------- the real pair
+
+
+def trials(prompt_ids: list[int], output_ids: list[int], accepted_per_step: list[int], drafted_per_step: list[int]) -> list[tuple[int, bool]]:
+    """(position in the output, accepted?) of every verified drafted token, from vLLM's per-step counts.
+
+    The first output token comes from prefill; each step then verifies drafts from the cursor
+    on: `a` accepted ones, one rejected one if a < drafted, and moves the cursor by a + 1 (the
+    accepted tokens and the recovered or bonus token). Trials past the output's end (cut by
+    max_tokens) are dropped: whether a position exists depends on its index alone.
+    """
+    found, cursor = [], 1
+    for accepted, drafted in zip(accepted_per_step, drafted_per_step):
+        outcomes = [True] * accepted + ([False] if accepted < drafted else [])
+        found += [(cursor + j, ok) for j, ok in enumerate(outcomes) if cursor + j < len(output_ids)]
+        cursor += accepted + 1
+    return found
+
+
+@pytest.mark.slow
+def test_vllm_acceptance_on_the_real_pair_is_the_engines():
+    """Accepted counts through vLLM against the acceptance law our engine uses, position by position.
+
+    At a verified position j, P(accept | history) = sum_x q_j(x) min(1, v_j(x)/q_j(x)), computed
+    from the output prefix with the verifier's own tables (what `engine.verify_block` uses). The
+    sum over positions of (accepted - that probability) is a martingale: its z-score must be
+    small for exact and static:0.5; and static:0.5 must accept more than exact.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from diversed.models import DEFAULT_DRAFT, DEFAULT_TARGET, convert_embedded
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    target_dir, draft_dir = convert_embedded(DEFAULT_TARGET), convert_embedded(DEFAULT_DRAFT)
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    questions = ["Write a Python function that reverses a string.", "What is 17 times 23? Explain briefly.",
+                 "List three prime numbers and say why they are prime.", "Write a haiku about the sea."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True) for q in questions]
+    prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompts]
+    llm = LLM(model=str(target_dir), dtype="float32", max_model_len=512, seed=0, enforce_eager=True, max_num_seqs=8,
+              kv_cache_memory_bytes=1 << 30, generation_config="vllm", distributed_executor_backend="uni",
+              per_request_spec_decode_metrics="detailed",
+              speculative_config={"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"})
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
+    draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32)
+    rates = {}
+    for name, (options, verifier) in METHODS.items():
+        params = SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True, extra_args={"speculative": options})
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], params, use_tqdm=False)
+        accepted = expected = variance = 0.0
+        count = 0
+        for prompt_ids, output in zip(prompts * 2, outputs):
+            completion = output.outputs[0]
+            metrics = completion.spec_decode_metrics
+            found = trials(prompt_ids, list(completion.token_ids), metrics.per_step_accepted, metrics.per_step_drafted)
+            ids = torch.tensor([prompt_ids + list(completion.token_ids)])
+            with torch.no_grad():
+                p = target(ids).logits[0].softmax(-1).double()
+                q = draft(ids).logits[0].softmax(-1).double()
+            rows = torch.tensor([len(prompt_ids) + j - 1 for j, _ in found])  # logits at i predict token i + 1
+            tables = verifier.tables(p[rows], q[rows], EMPTY_CONTEXT)
+            alpha = (q[rows] * tables.acceptance).sum(-1)
+            accepted += sum(ok for _, ok in found)
+            expected += float(alpha.sum())
+            variance += float((alpha * (1 - alpha)).sum())
+            count += len(found)
+        z = (accepted - expected) / variance ** 0.5
+        rates[name] = accepted / count
+        print(f"{name}: {accepted:.0f} of {count} accepted, expected {expected:.1f}, z = {z:.2f}")
+        assert abs(z) < 4, f"{name}: vLLM accepted {accepted:.0f}, the engine's law expects {expected:.1f} (z = {z:.2f})"
+    assert rates["static:0.5"] > rates["exact"]
