@@ -69,7 +69,7 @@ def engine(target: Path, draft: Path | None, args):
     speculative = None if draft is None else {
         "method": "draft_model", "model": str(draft), "num_speculative_tokens": args.k, "draft_sample_method": "probabilistic"}
     return LLM(model=str(target), dtype=args.dtype, max_model_len=1024, seed=0, enforce_eager=True, max_num_seqs=8,
-               kv_cache_memory_bytes=args.kv_cache_gib << 30, generation_config="vllm", distributed_executor_backend="uni",
+               kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), generation_config="vllm", distributed_executor_backend="uni",
                disable_log_stats=False, speculative_config=speculative)
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
-    parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
     parser.add_argument("--dtype", default="bfloat16",
                         help="vLLM's compute dtype; float32 on CPUs without AVX-512 BF16, where oneDNN has no bf16 matmul")
     parser.add_argument("--methods", default=",".join(METHODS))
