@@ -94,6 +94,17 @@ def build_tiny_model(
     return path
 
 
+# vLLM's CPU attention takes head sizes from 32 up; build_tiny_model's default (8) it refuses.
+VLLM_HIDDEN_SIZE = 128  # 4 heads of 32
+
+
+def build_tiny_vllm_pair(root: str | Path, *, alphabet: str = "abcdef") -> tuple[Path, Path]:
+    """(target, draft) tiny models that vLLM loads: an 11-token vocabulary, a draft that differs clearly."""
+    root = Path(root)
+    kwargs = dict(alphabet=alphabet, hidden_size=VLLM_HIDDEN_SIZE, layers=1, sharpness=3.0)
+    return build_tiny_model(root / "target", seed=3, **kwargs), build_tiny_model(root / "draft", seed=3, perturb=5.0, **kwargs)
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as sock:

@@ -40,6 +40,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--header-timeout", type=float, default=limits.HEADER_TIMEOUT_S, help="seconds for a request's headers to arrive")
     group.add_argument("--body-timeout", type=float, default=limits.BODY_TIMEOUT_S, help="seconds for a request's body to arrive (then 408)")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    group.add_argument("--engine", choices=("diversed", "vllm"), default="diversed",
+                       help="diversed (default): this package's engine; vllm: vLLM's OpenAI server with the diversed plugin (docs/vllm.md)")
     parser.set_defaults(handler=cmd_serve)
 
 
@@ -62,6 +64,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return _serve_with_vllm(args)
     import uvicorn
 
     from ..cli import pair_from_args
@@ -78,3 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5, **limits.uvicorn_limits(args.max_connections, args.header_timeout))
     return 0
 
+
+
+def _serve_with_vllm(args: argparse.Namespace) -> int:
+    from ..cli import method_spec_from_args
+    from ..integrations.vllm.launch import serve
+
+    spec = method_spec_from_args(args)
+    return serve(target=args.target, draft=args.draft, method_label=spec.label if spec else "exact", host=args.host, port=args.port,
+                 model_name=None, dtype=args.dtype)

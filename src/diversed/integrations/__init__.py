@@ -1,0 +1,1 @@
+"""Other engines DIVERSED plugs into (the verifiers stay defined once, in verifiers.py)."""
