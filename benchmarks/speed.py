@@ -32,11 +32,16 @@ from pathlib import Path
 
 import torch
 
-from diversed.calibration import machine_summary, measure_seconds
+from diversed.calibration import choose_backend, machine_summary, measure_seconds
 from diversed.draft_length import parse_draft_length
 from diversed.engine import GenerationConfig
 from diversed.generation import MethodSpec, default_method, encode_prompt, generate
-from diversed.models import DEFAULT_TARGET, gguf_path, load_pair
+from diversed.embedded import DEFAULT_TARGET, gguf_path
+from diversed.methods import AR
+from diversed.models import load_pair, pair_specs
+from diversed.runners import AUTO, Backend
+from diversed.runners.hf import DEFAULT_DTYPE, TORCH
+from diversed.runners.llamacpp import LLAMA_CPP
 from diversed.sampling import SamplingParams
 
 
@@ -185,7 +190,7 @@ class Ours:
     def __init__(self, label: str, args):
         self.label = label
         if label == "default":
-            self.backend, self.spec, self.draft_length = "auto", None, "auto"
+            self.backend, self.spec, self.draft_length = AUTO, None, "auto"
             return
         backend, _, rest = label.rpartition("/")
         method, _, n = rest.partition("@")
@@ -194,7 +199,7 @@ class Ours:
         self.draft_length = parse_draft_length(n or args.draft_length)
 
     def fixed_n(self) -> int | None:
-        return None if self.draft_length == "auto" or self.spec is None or self.spec.method == "ar" else int(self.draft_length)
+        return None if self.draft_length == "auto" or self.spec is None or self.spec.method == AR else int(self.draft_length)
 
 
 def summarize(label: str, runs: list[dict], baselines: dict[str, float], hf_n: int, fixed_n: int | None, costs) -> dict:
@@ -239,11 +244,13 @@ def summarize(label: str, runs: list[dict], baselines: dict[str, float], hf_n: i
 
 
 def load_pairs(args, ours: list[Ours]) -> dict[str, object]:
-    """One pair per backend the labels need ("auto" resolved by load_pair itself)."""
+    """One pair per backend the labels need ("auto" settled by choose_backend, as the CLI does)."""
     pairs: dict[str, object] = {}
+    target, draft = pair_specs(args.target, args.draft)
     for backend in dict.fromkeys(o.backend for o in ours):
-        pair = load_pair(args.target, args.draft, args.dtype, device=args.device, backend=backend)
-        print(f"backend {backend}: {pair.backend} ({pair.backend_reason})", file=sys.stderr)
+        chosen, why = choose_backend(target, draft, args.dtype, args.device, backend)
+        pair = load_pair(target, draft, args.dtype or DEFAULT_DTYPE, device=args.device, backend=chosen, reason=why)
+        print(f"backend {backend}: {pair.backend.name} ({pair.backend_reason})", file=sys.stderr)
         pairs[backend] = pair
     return pairs
 
@@ -258,7 +265,7 @@ def main() -> int:
     parser.add_argument("--max-draft-length", type=int, default=8, help="N_max of auto")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", help=f"torch weights (default {DEFAULT_DTYPE}); naming one makes auto choose torch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
     parser.add_argument("--backend", default="auto", help="backend of labels without BACKEND/: auto, torch, llama.cpp")
     parser.add_argument("--target")
@@ -272,7 +279,7 @@ def main() -> int:
     ours = {label: Ours(label, args) for label in labels if not label.startswith(("hf:", "llamacpp:"))}
     needs_torch = any(label.startswith("hf:") for label in labels)
     pairs = load_pairs(args, list(ours.values()) + ([Ours("torch/ar", args)] if needs_torch else []))
-    hf_pair = pairs.get("torch") or next((p for p in pairs.values() if p.backend == "torch"), None)
+    hf_pair = next((p for p in pairs.values() if p.backend is TORCH), None)
     llm = None
     if "llamacpp:ar" in labels:
         from llama_cpp import Llama
@@ -300,7 +307,7 @@ def main() -> int:
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4, "draft_length": parse_draft_length(args.draft_length)})
     for label in labels:
         run(label, prompts[0], warm)
-    measured: dict[str, tuple[float, list[float]]] = {}  # one measurement per resolved backend
+    measured: dict[Backend, tuple[float, list[float]]] = {}  # one measurement per resolved backend
     for pair in pairs.values():
         if pair.draft is not None and pair.backend not in measured:
             measured[pair.backend] = step_costs(pair, args.max_draft_length)
@@ -318,11 +325,11 @@ def main() -> int:
         return sum(r["new_tokens"] for r in runs[label]) / sum(r["seconds"] for r in runs[label])
 
     shared = {b: tps(b) for b in ("hf:ar", "llamacpp:ar") if b in runs}
-    ar_of_backend = {pairs[o.backend].backend: tps(label) for label, o in ours.items() if o.spec.method == "ar"}
+    ar_of_backend = {pairs[o.backend].backend: tps(label) for label, o in ours.items() if o.spec.method == AR}
     rows = []
     for label in labels:
         o = ours.get(label)
-        backend = pairs[o.backend].backend if o else ("torch" if label.startswith("hf:") else "llama.cpp")
+        backend = pairs[o.backend].backend if o else (TORCH if label.startswith("hf:") else LLAMA_CPP)
         baselines = {**shared, **({"ar": ar_of_backend[backend]} if backend in ar_of_backend else {})}
         if label.startswith("hf:") and "hf:ar" in shared:
             baselines["ar"] = shared["hf:ar"]
@@ -331,12 +338,12 @@ def main() -> int:
             fixed_n, pair_costs = o.fixed_n(), costs.get(o.backend)
         else:  # Hugging Face drafts a fixed N on the torch pair
             fixed_n = hf_n if label.startswith("hf:") and label != "hf:ar" else None
-            pair_costs = next((costs[b] for b, p in pairs.items() if p.backend == "torch" and b in costs), None)
+            pair_costs = next((costs[b] for b, p in pairs.items() if p.backend is TORCH and b in costs), None)
         rows.append(summarize(label, runs[label], baselines, hf_n, fixed_n, pair_costs))
-    print(f"\n{machine_summary()}; torch {torch.__version__} ({torch.get_num_threads()} threads), {args.dtype} for torch; "
+    print(f"\n{machine_summary()}; torch {torch.__version__} ({torch.get_num_threads()} threads), {args.dtype or DEFAULT_DTYPE} for torch; "
           f"{len(prompts)} prompts x {args.max_new_tokens} tokens, T={args.temperature}")
     for backend, (c, v) in measured.items():
-        print(f"{backend}: c = {c:.3f}, v(1..{len(v)}) = {', '.join(f'{x:.2f}' for x in v)}")
+        print(f"{backend.name}: c = {c:.3f}, v(1..{len(v)}) = {', '.join(f'{x:.2f}' for x in v)}")
     print("| method | tok/s | vs ar | vs llamacpp:ar | vs hf:ar | acceptance | mean accepted length | drafted per round "
           "| N=0 rounds | efficiency | draft / target / other |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -351,7 +358,7 @@ def main() -> int:
             f"| {fmt(row['ar_rounds'], 'd')} | {fmt(row.get('efficiency'), '.2f')} | {split_text} |"
         )
     if args.json:
-        payload = {"machine": machine_summary(), "costs": {b: {"c": c, "v": v} for b, (c, v) in measured.items()},
+        payload = {"machine": machine_summary(), "costs": {b.name: {"c": c, "v": v} for b, (c, v) in measured.items()},
                    "args": {k: str(val) for k, val in vars(args).items()}, "rows": rows}
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

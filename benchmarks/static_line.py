@@ -27,8 +27,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from diversed.evaluate import load_rows, mean_ci
-from diversed.generation import MethodSpec
+from diversed.methods import static_line_weight
 from diversed.metrics import Metrics
+from diversed.verifiers import Exact
 
 
 def acceptance(rows: dict[str, dict]) -> float:
@@ -45,14 +46,6 @@ def bracketing_weights(method_acceptance: float, static_acceptance: dict[str, fl
             return low, high
     nearest = sorted(ordered, key=lambda label: abs(static_acceptance[label] - method_acceptance))[:2]
     return tuple(sorted(nearest, key=static_acceptance.get))  # type: ignore[return-value]
-
-
-def static_weight(label: str) -> float | None:
-    """The target weight of a point on the static line: static:w, or exact as w = 1; else None."""
-    spec = MethodSpec.parse(label)
-    if spec.method == "exact":
-        return 1.0
-    return float(spec.weight) if spec.method == "static" else None
 
 
 def place(method_rows: dict[str, dict], by_method: dict[str, dict[str, dict]], statics: dict[str, float]) -> dict:
@@ -93,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     by_method: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in load_rows(Path(args.rows)):
         by_method[row["method"]][row["example_id"]] = row
-    statics = {label: acceptance(rows) for label, rows in by_method.items() if static_weight(label) is not None}
+    statics = {label: acceptance(rows) for label, rows in by_method.items() if static_line_weight(label) is not None}
     if len(statics) < 2:
         sys.exit(f"error: {args.rows} needs rows of at least two static weights (exact counts as w = 1)")
     methods = args.method or sorted(label for label in by_method if label not in statics and acceptance(by_method[label]) == acceptance(by_method[label]))
     for label in methods:
         if label not in by_method:
             sys.exit(f"error: no rows for {label!r} in {args.rows} (methods: {', '.join(sorted(by_method))})")
-    exact = place(by_method["exact"], by_method, statics) if "exact" in by_method else None
+    exact = place(by_method[Exact.name], by_method, statics) if Exact.name in by_method else None
     line = ", ".join(f"{label} {statics[label]:.1%}" for label in sorted(statics, key=statics.get))
     print(f"static line (acceptance): {line}\n")
     print("| method | n | acceptance | quality (95% CI) | minus the line (95% CI) | bracket | issue 15 bar |")

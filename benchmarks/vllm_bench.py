@@ -20,6 +20,9 @@ import platform
 import time
 from pathlib import Path
 
+from diversed.integrations.vllm.requests import uses_vllm_rule
+from diversed.methods import MethodSpec, needs_draft
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: the plugin's clock is ours to read
 
 METHODS = ("ar", "exact", "static:0.9", "static:0.5", "cascade:opt:0")
@@ -31,8 +34,6 @@ def prompts(data_dir: Path, count: int, tokenizer) -> list[str]:
 
 
 def speculative_object(label: str) -> dict:
-    from diversed.methods import MethodSpec
-
     spec = MethodSpec.parse(label)
     return {"method": spec.method, **spec.given()}
 
@@ -47,7 +48,8 @@ def run(llm, texts: list[str], label: str, concurrency: int, args) -> dict:
 
     from diversed.integrations.vllm.verification import CLOCK
 
-    extra = None if label in ("ar", "exact") else {"speculative": speculative_object(label)}
+    spec = MethodSpec.parse(label)
+    extra = None if not needs_draft(spec.method) or uses_vllm_rule(spec) else {"speculative": speculative_object(label)}
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True, seed=None, extra_args=extra)
     drafted0, accepted0 = counters(llm)
     clock0, tokens, started = CLOCK.seconds, 0, time.perf_counter()
@@ -92,7 +94,7 @@ def main() -> None:
     import vllm
     from transformers import AutoTokenizer
 
-    from diversed.models import DEFAULT_DRAFT, DEFAULT_TARGET, convert_embedded
+    from diversed.embedded import DEFAULT_DRAFT, DEFAULT_TARGET, convert_embedded
 
     target, draft = convert_embedded(DEFAULT_TARGET), convert_embedded(DEFAULT_DRAFT)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
@@ -102,7 +104,7 @@ def main() -> None:
     methods = args.methods.split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     rows = []
-    for with_draft, chosen in ((False, [m for m in methods if m == "ar"]), (True, [m for m in methods if m != "ar"])):
+    for with_draft, chosen in ((False, [m for m in methods if not needs_draft(MethodSpec.parse(m).method)]), (True, [m for m in methods if needs_draft(MethodSpec.parse(m).method)])):
         if not chosen:
             continue
         llm = engine(target, draft if with_draft else None, args)

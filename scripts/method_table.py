@@ -3,7 +3,7 @@
     python scripts/method_table.py          # rewrite README.md
     python scripts/method_table.py --check  # exit 1 if README.md's table is out of date
 
-tests/test_method_table.py runs the check, so a method added without updating the table fails.
+tests/test_registry.py runs the check, so a method added without updating the table fails.
 """
 
 from __future__ import annotations

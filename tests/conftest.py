@@ -12,7 +12,8 @@ from diversed.models import load_pair
 from diversed.testing import build_tiny_gguf, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"  # the full benchmark files (whole-split checks need them)
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"  # a few rows of each, shipped: enough to mine and benchmark on
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ import sys
 
 import pytest
 
-from .conftest import REPO, SHARED_DATA
+from .conftest import REPO, FIXTURE_DATA
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"benchmark data folder {SHARED_DATA} is absent")
 
 METHODS = ["hf:ar", "hf:assisted", "hf:static:0.7", "ar", "exact", "static:0.7"]
 
@@ -23,7 +22,7 @@ def test_speed_benchmark_runs_every_method_and_counts_hf_acceptance(tiny_model_d
     out = tmp_path / "speed.json"
     command = [
         sys.executable, str(REPO / "benchmarks" / "speed.py"), "--target", str(target), "--draft", str(draft),
-        "--dtype", "float32", "--data-dir", str(SHARED_DATA), "--prompts", "3", "--max-new-tokens", "16",
+        "--dtype", "float32", "--data-dir", str(FIXTURE_DATA), "--prompts", "3", "--max-new-tokens", "16",
         "--temperature", "1", "--methods", ",".join(METHODS), "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -86,7 +85,7 @@ def test_head_weights_report_on_the_tiny_pair(tiny_pair, tiny_model_dirs, tmp_pa
     target, draft = tiny_model_dirs
     command = [
         sys.executable, str(REPO / "benchmarks" / "head_weights.py"), "--head", str(tmp_path / "head"), "--task", "gsm8k",
-        "--rows", str(tmp_path / "rows.jsonl"), "--data-dir", str(SHARED_DATA), "--target", str(target), "--draft", str(draft),
+        "--rows", str(tmp_path / "rows.jsonl"), "--data-dir", str(FIXTURE_DATA), "--target", str(target), "--draft", str(draft),
         "--dtype", "float32",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -100,7 +99,7 @@ def test_head_weights_report_on_the_tiny_pair(tiny_pair, tiny_model_dirs, tmp_pa
 def test_rollouts_benchmark_prints_a_row_per_batch_shape(tiny_model_dirs):
     target, draft = tiny_model_dirs
     command = [
-        sys.executable, str(REPO / "benchmarks" / "rollouts.py"), "--data-dir", str(SHARED_DATA), "--target", str(target),
+        sys.executable, str(REPO / "benchmarks" / "rollouts.py"), "--data-dir", str(FIXTURE_DATA), "--target", str(target),
         "--draft", str(draft), "--dtype", "float32", "--batch-sizes", "1,2", "--samples-per-prompt", "1,3", "--max-new-tokens", "4",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -24,8 +24,8 @@ from diversed.metrics import Metrics
 from diversed.models import load_pair
 from diversed.sampling import SamplingParams, logits_to_probs
 from diversed.testing import build_tiny_model
+from diversed.head import DynamicEnsemble
 from diversed.verifiers import (
-    DynamicEnsemble,
     Exact,
     Lenient,
     SpeculativeCascade,

@@ -101,7 +101,7 @@ def test_eval_summary_table_and_plot(gsm8k_run):
 @needs_shared_data
 def test_summary_times_methods_on_their_timed_rows_only(gsm8k_run):
     """A method with lockstep rows added (seconds 0) keeps the tokens/s of its timed rows."""
-    from diversed.evaluate.run import EvalSettings
+    from diversed.evaluate.settings import EvalSettings
     from diversed.evaluate.summary import summarize, summary_markdown
 
     rows = read_rows(gsm8k_run)

@@ -14,9 +14,8 @@ from diversed.errors import UserInputError
 from diversed.generation import MethodSpec
 from diversed.methods import make_verifier
 from diversed.sampling import total_variation
+from diversed.gates import EntropyGate, KLGate
 from diversed.verifiers import (
-    EntropyGate,
-    KLGate,
     VerifyContext,
     acceptance_rate,
     entropy,

@@ -137,3 +137,20 @@ def test_a_hidden_state_judge_decodes_on_the_tiny_pair(tmp_path, capsys, tiny_pa
     code = cli.main(["generate", "hi", "--target", str(target), "--draft", "ngram", "--dtype", "float32", "--method", "judge",
                      "--head", path, "--max-new-tokens", "8"])
     assert code == 2 and "hidden states" in capsys.readouterr().err
+
+
+def test_a_judge_without_hidden_states_runs_with_prompt_lookup(tmp_path, capsys, tiny_pair, tiny_model_dirs):
+    """A judge reads only (p, q) statistics unless fitted with --hidden, so `--draft ngram` (no
+    draft model, point-mass drafts) can use it; the pair check then covers the target alone."""
+    signature = tiny_pair.signature()
+    fit(tmp_path, capsys, signature.target, signature.draft)
+    path = str(tmp_path / "judge.json")
+    target, _ = tiny_model_dirs
+    args = ["generate", "the cat sat on the mat. the cat", "--raw", "--target", str(target), "--draft", "ngram", "--dtype", "float32",
+            "--max-new-tokens", "8", "--draft-length", "2", "--json", "--method", "judge"]
+    assert cli.main([*args, "--head", path]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"].startswith("judge") and len(out["token_ids"]) > 0
+    fit(tmp_path / "other", capsys, "another-target", signature.draft)
+    assert cli.main([*args, "--head", str(tmp_path / "other" / "judge.json")]) == 2
+    assert "fitted for another-target" in capsys.readouterr().err

@@ -13,7 +13,11 @@ import torch
 from diversed.engine import GenerationConfig
 from diversed.errors import UserInputError
 from diversed.generation import MethodSpec, generate
+from diversed.calibration import choose_backend
 from diversed.models import load_pair
+from diversed.runners import BACKENDS
+from diversed.runners.hf import TORCH
+from diversed.runners.llamacpp import LLAMA_CPP
 from diversed.sampling import SamplingParams
 from diversed.testing import build_tiny_gguf
 from diversed.verifiers import Exact, StaticEnsemble
@@ -83,15 +87,26 @@ def test_llamacpp_engine_matches_theory(small_vocab_gguf_pair, verifier):
 
 
 def test_auto_backend_explains_its_choice(tiny_model_dirs, tiny_gguf_paths):
-    hf_dirs = load_pair(str(tiny_model_dirs[0]), str(tiny_model_dirs[1]), dtype="float32", backend="auto")
-    assert hf_dirs.backend == "torch" and "no GGUF" in hf_dirs.backend_reason
-    ggufs = load_pair(*map(str, tiny_gguf_paths), dtype="float32", backend="auto")
-    assert ggufs.backend in ("torch", "llama.cpp") and "measured target tokens/s" in ggufs.backend_reason
+    backend, why = choose_backend(str(tiny_model_dirs[0]), str(tiny_model_dirs[1]), None, "cpu")
+    assert backend is TORCH and "needs a GGUF" in why and why.startswith("auto: torch")
+    backend, why = choose_backend(*map(str, tiny_gguf_paths), None, "cpu")
+    assert backend in BACKENDS.values() and "measured target tokens/s" in why
+
+
+def test_an_explicit_dtype_is_never_silently_ignored(tiny_gguf_paths):
+    """--dtype sets torch weights: under auto it selects torch, saying so; with llama.cpp it is refused."""
+    backend, why = choose_backend(*map(str, tiny_gguf_paths), "float32", "cpu")
+    assert backend is TORCH and "--dtype float32" in why
+    with pytest.raises(UserInputError, match="--dtype float32 does not apply to the llama.cpp backend"):
+        choose_backend(*map(str, tiny_gguf_paths), "float32", "cpu", "llama.cpp")
+    assert choose_backend(*map(str, tiny_gguf_paths), None, "cpu", "llama.cpp")[0] is LLAMA_CPP
 
 
 def test_bad_backend_input_is_a_one_line_error(tiny_model_dirs, monkeypatch):
     with pytest.raises(UserInputError, match="unknown backend"):
         load_pair(str(tiny_model_dirs[0]), backend="vulkan")
+    with pytest.raises(UserInputError, match="settled before a pair loads"):
+        load_pair(str(tiny_model_dirs[0]), backend="auto")
     with pytest.raises(UserInputError, match="needs a GGUF"):
         load_pair(str(tiny_model_dirs[0]), str(tiny_model_dirs[1]), backend="llama.cpp")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed

@@ -22,7 +22,8 @@ from diversed.evaluate.lockstep import LockstepRow, lockstep_generate
 from diversed.metrics import Metrics
 from diversed.proposers import ModelProposer
 from diversed.sampling import SamplingParams, logits_to_probs
-from diversed.verifiers import EMPTY_CONTEXT, Exact, KLGate, StaticEnsemble
+from diversed.gates import KLGate
+from diversed.verifiers import EMPTY_CONTEXT, Exact, StaticEnsemble
 
 from diversed import cli
 

@@ -15,16 +15,15 @@ from diversed.mining import FEATURES, TOKEN_CLASSES, load_positions, outcome_fli
 from diversed.sampling import SamplingParams, total_variation
 from diversed.tasks import get_task
 
-from .conftest import SHARED_DATA
+from .conftest import FIXTURE_DATA
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"benchmark data folder {SHARED_DATA} is absent")
 
 
 def mine_args(tiny_model_dirs, out: Path, *extra: str, n: int = 2) -> list[str]:
     target, draft = tiny_model_dirs
     return [
         "mine", "--task", "gsm8k", "--n", str(n), "--max-new-tokens", "10", "--max-counterfactuals", "2",
-        "--out", str(out), "--data-dir", str(SHARED_DATA), "--target", str(target), "--draft", str(draft),
+        "--out", str(out), "--data-dir", str(FIXTURE_DATA), "--target", str(target), "--draft", str(draft),
         "--dtype", "float32", *extra,
     ]  # fmt: skip
 
@@ -66,7 +65,7 @@ def test_one_record_per_problem_with_every_field(mined):
 def test_features_and_labels_match_an_independent_recomputation(mined, tiny_pair):
     record = read_records(mined)[0]
     task = get_task("gsm8k")
-    example = task.load("train", 1, SHARED_DATA)[0]
+    example = task.load("train", 1, FIXTURE_DATA)[0]
     from diversed.generation import encode_prompt
 
     prompt = encode_prompt(tiny_pair, task.prompt(example), False)

@@ -7,7 +7,8 @@ import importlib.util
 
 import pytest
 
-from diversed.cli import add_method_args, main, method_spec_from_args
+from diversed.cli import main
+from diversed.commands.args import add_method_args, method_spec_from_args
 from diversed.errors import UserInputError
 from diversed.methods import METHODS, MethodSpec, knob_owners, make_verifier, spec_from_knobs
 from diversed.verifiers import SpeculativeCascade, TypicalAcceptance

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from diversed.errors import UserInputError
 from diversed.methods import make_verifier
 from diversed.sampling import total_variation
+from diversed.head import DynamicEnsemble
 from diversed.verifiers import (
-    DynamicEnsemble,
     Exact,
     Lenient,
     SpeculativeCascade,

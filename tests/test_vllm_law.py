@@ -138,7 +138,7 @@ def test_vllm_acceptance_on_the_real_pair_is_the_engines():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from diversed.models import DEFAULT_DRAFT, DEFAULT_TARGET, convert_embedded
+    from diversed.embedded import DEFAULT_DRAFT, DEFAULT_TARGET, convert_embedded
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     target_dir, draft_dir = convert_embedded(DEFAULT_TARGET), convert_embedded(DEFAULT_DRAFT)

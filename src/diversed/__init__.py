@@ -6,13 +6,12 @@ Convention: the ensemble weight `w` is the weight on the **target** (w = 1 is lo
 from .engine import GenerationConfig, decode
 from .errors import DiversedError, HeadMismatchError, ModelLoadError, PairMismatchError, UserInputError
 from .generation import GenerationResult, MethodSpec, build_verifier, encode_prompt, generate, start_generation
-from .head import EnsembleHead, HeadConfig, PairSignature, load_head
+from .head import DynamicEnsemble, EnsembleHead, HeadConfig, PairSignature, load_head
 from .methods import make_verifier
 from .metrics import Metrics, ideal_speedup
 from .models import ModelPair, load_pair
 from .sampling import SamplingParams
 from .verifiers import (
-    DynamicEnsemble,
     Exact,
     Lenient,
     SpeculativeCascade,

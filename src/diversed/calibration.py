@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
+from .errors import UserInputError
 from .draft_length import StepCosts, verify_costs_from_seconds
+from .models import load_pair, pair_specs
+from .paths import calibration_file
+from .proposers import DRAFT_MODEL, ProposerKind
+from .runners import AUTO, BACKENDS, Backend, get_backend
+from .runners.hf import DEFAULT_DTYPE, resolve_device
 
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "sve")
 PROBE_PROMPT_TOKENS = 64
@@ -50,38 +56,24 @@ def machine_summary() -> str:
     return f"{name} ({os.cpu_count()} cores; {' '.join(flags) or 'no AVX2/AVX-512/AMX'})"
 
 
-def _backend_version(backend: str) -> str:
-    if backend == "llama.cpp":
-        import llama_cpp
-
-        return f"llama-cpp-python {llama_cpp.__version__}"
-    return f"torch {torch.__version__}"
-
-
-def _cache_file() -> Path:
-    from .models import diversed_home
-
-    return Path(os.environ.get("DIVERSED_CALIBRATION", diversed_home() / "calibration.json"))
-
-
-def _key(backend: str, dtype: str, device: str, target: str, draft: str | None) -> str:
+def _key(backend: Backend, dtype: str, device: str, target: str, draft: str | None) -> str:
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(torch.device(device))
     else:
         name, flags = cpu_description()
         where = f"{name}|{os.cpu_count()}|{','.join(flags)}|threads={torch.get_num_threads()}"
-    return "|".join([where, backend, _backend_version(backend), dtype if backend == "torch" else "gguf", target, draft or "-"])
+    return "|".join([where, backend.name, backend.version(), backend.weights_label(dtype), target, draft or "-"])
 
 
 def _read_cache() -> dict[str, Any]:
     try:
-        return json.loads(_cache_file().read_text())
+        return json.loads(calibration_file().read_text())
     except (OSError, ValueError):
         return {}
 
 
 def _write_cache(key: str, entry: dict[str, Any]) -> None:
-    path = _cache_file()
+    path = calibration_file()
     cache = _read_cache()
     cache[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,50 +126,57 @@ def calibrated_seconds(pair, dtype: str, device: str, max_tokens: int) -> dict[s
     key = _key(pair.backend, dtype, device, pair.target_name, pair.draft_name)
     entry = _read_cache().get(key)
     if entry is None or len(entry["verify"]) < max_tokens or (pair.draft is not None and entry["draft_step"] is None):
-        print(f"calibrating step costs for this machine and the {pair.backend} backend (once)...", file=sys.stderr)
+        print(f"calibrating step costs for this machine and the {pair.backend.name} backend (once)...", file=sys.stderr)
         entry = measure_seconds(pair, max_tokens)
         entry["machine"] = machine_summary()
         _write_cache(key, entry)
     return entry
 
 
-def pair_dtype(pair) -> str:
-    if pair.backend != "torch":
-        return "gguf"
-    return str(next(pair.target.parameters()).dtype).removeprefix("torch.")
-
-
-def step_costs(pair, max_draft_length: int, proposer: str = "model") -> StepCosts:
-    """c and v(1..N_max+1) for `--draft-length auto`. Prompt lookup costs nothing to draft (c = 0)."""
-    entry = calibrated_seconds(pair, pair_dtype(pair), str(pair.device), max_draft_length + 1)
-    draft_step = entry["draft_step"] if proposer == "model" and entry["draft_step"] is not None else 0.0
+def step_costs(pair, max_draft_length: int, proposer: ProposerKind = DRAFT_MODEL) -> StepCosts:
+    """c and v(1..N_max+1) for `--draft-length auto`; the proposer prices a draft step (prompt lookup: c = 0)."""
+    entry = calibrated_seconds(pair, pair.facts().weights, str(pair.device), max_draft_length + 1)
+    draft_step = proposer.draft_seconds(entry["draft_step"])
     return verify_costs_from_seconds(entry["target_step"], draft_step, entry["verify"][: max_draft_length + 1])
 
 
-def choose_backend(target: str, draft: str | None, dtype: str, device: str) -> tuple[str, str]:
-    """(backend, why) for --backend auto."""
-    from .models import gguf_path, load_pair, resolve_device
+def choose_backend(target: str | None, draft: str | None, dtype: str | None, device: str,
+                   requested: str = AUTO) -> tuple[Backend, str]:
+    """(backend, why) for `--backend REQUESTED`; the one place `auto` is settled.
 
-    if resolve_device(device).type != "cpu":
-        return "torch", f"auto: torch on {device}"
-    from .errors import UserInputError
-    from .runners.llamacpp import import_llama_cpp
-
-    try:
-        import_llama_cpp()
-    except UserInputError as exc:
-        return "torch", f"auto: torch ({str(exc).split(';')[0]})"
-    if any(gguf_path(spec) is None for spec in (target, draft) if spec is not None):
-        return "torch", "auto: torch (the pair has no GGUF files for llama.cpp)"
+    `auto` takes, among the backends that can run this pair here, the one whose measured
+    target step is faster (measured once per machine and cached). An explicit `dtype` (None
+    when the user named none) leaves out the backends whose weights it does not set (llama.cpp
+    runs a GGUF's own quantization), so it is never silently ignored.
+    """
+    if requested != AUTO:
+        backend = get_backend(requested)
+        if dtype is not None and backend.weights_label(dtype) != dtype:
+            raise UserInputError(f"--dtype {dtype} does not apply to the {backend.name} backend (it runs the model files' own "
+                                 "weights); leave --dtype out")
+        return backend, f"--backend {requested}"
+    target, draft = pair_specs(target, draft, with_draft=draft is not None)
+    where = resolve_device(device)
+    usable, refused = [], []
+    for backend in BACKENDS.values():
+        problem = backend.unavailable(target, draft, where)
+        if problem is None and dtype is not None and backend.weights_label(dtype) != dtype:
+            problem = f"--dtype {dtype} does not apply to the {backend.name} backend's weights"
+        (usable if problem is None else refused).append((backend, problem))
+    dtype = dtype or DEFAULT_DTYPE
+    if not usable:
+        raise UserInputError("no backend can run this pair here: " + "; ".join(str(problem) for _, problem in refused))
+    if len(usable) == 1:
+        why = "; ".join(str(problem).split(";")[0] for _, problem in refused)
+        return usable[0][0], f"auto: {usable[0][0].name} ({why})"
     seconds = {}
-    for backend in ("llama.cpp", "torch"):
-        key = _key(backend, dtype, device, target, draft)
-        entry = _read_cache().get(key)
+    for backend, _ in usable:
+        entry = _read_cache().get(_key(backend, dtype, device, target, draft))
         if entry is None:
             pair = load_pair(target, draft, dtype, with_draft=draft is not None, device=device, backend=backend)
             entry = calibrated_seconds(pair, dtype, device, DEFAULT_VERIFY_TOKENS)
             del pair
         seconds[backend] = entry["target_step"]
     best = min(seconds, key=seconds.get)
-    detail = ", ".join(f"{b} {1 / s:.1f}" for b, s in seconds.items())
-    return best, f"auto: {best} (measured target tokens/s on this machine: {detail})"
+    detail = ", ".join(f"{b.name} {1 / s:.1f}" for b, s in seconds.items())
+    return best, f"auto: {best.name} (measured target tokens/s on this machine: {detail})"

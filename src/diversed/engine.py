@@ -29,7 +29,7 @@ import torch
 from .draft_length import DraftLengthPolicy, FixedDraftLength
 from .errors import UserInputError
 from .metrics import Metrics
-from .proposers import PROPOSERS, Proposer, point_masses
+from .proposers import Proposer, get_proposer, point_masses
 from .runners import ModelRunner
 from .sampling import SamplingParams, choose, logits_to_probs, sample, total_variation
 from .verifiers import Exact, Verifier
@@ -52,7 +52,7 @@ class GenerationConfig:
     # alone, so every verifier keeps its guarantee; 0 always drafts N.
     draft_confidence: float = 0.0
     max_draft_length: int = 8  # N_max for draft_length="auto"
-    proposer: str = "model"  # where drafts come from: "model" (the draft model) or "ngram" (prompt lookup)
+    proposer: str = "model"  # where drafts come from: a registered proposer kind (proposers.PROPOSERS)
     # Once a response's estimated bias reaches this, the rest is verified exactly (None: no budget).
     bias_budget: float | None = None
 
@@ -65,8 +65,7 @@ class GenerationConfig:
             raise UserInputError(f"the maximum draft length must be in [1, 64], got {self.max_draft_length}")
         if not 0 <= self.draft_confidence < 1:
             raise UserInputError(f"the draft confidence threshold must be in [0, 1), got {self.draft_confidence}")
-        if self.proposer not in PROPOSERS:
-            raise UserInputError(f"unknown proposer {self.proposer!r}; choose one of {', '.join(PROPOSERS)} (--draft)")
+        get_proposer(self.proposer)  # an unknown name is a one-line error here, before anything loads
         if self.bias_budget is not None and not self.bias_budget >= 0:
             raise UserInputError(f"the bias budget must be >= 0, got {self.bias_budget} (--bias-budget)")
 

@@ -45,3 +45,8 @@ class HeadMismatchError(DiversedError):
 
 class ModelLoadError(DiversedError):
     """A model could not be found, assembled or verified."""
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

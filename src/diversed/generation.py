@@ -18,13 +18,12 @@ from .chat_encoding import encode_chat
 from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
 from .engine import AUTO, GenerationConfig, decode
 from .errors import UserInputError
-from .head import load_head, resolve_head_path
-from .judge import JudgeHead
-from .methods import MethodSpec, check_complete, make_verifier
+from .head import DynamicEnsemble, load_head, resolve_head_path
+from .methods import METHODS, MethodSpec, check_complete, head_kind, make_verifier
 from .metrics import Metrics
 from .models import ModelPair
-from .proposers import ModelProposer, NgramProposer, Proposer
-from .verifiers import DEFAULT_STATIC_WEIGHT, HEAD, VERIFIERS, Verifier
+from .proposers import DRAFT_MODEL, Proposer, ProposerKind, get_proposer
+from .verifiers import Verifier
 
 # The shipped head `diversed` uses when the user names no method. Only a head shown to help
 # across tasks belongs here (docs/heads.md); task-specific heads are opt-in (--head NAME).
@@ -32,16 +31,13 @@ DEFAULT_HEAD: str | None = None
 T = TypeVar("T")
 
 
-# The method used when the user names none and no head is designated (issue 15's fallback):
-# speculative cascades' OPT rule at alpha 0, the rule that kept quality inside exact's interval
-# on every measured task at the most acceptance (README, "Per-position weights against the
-# static line"). Prompt-lookup drafts are point masses (max q = 1), which that rule would always
-# trust, so with them the static weight stays.
-DEFAULT_RULE = MethodSpec("cascade", rule="opt", alpha=0.0)
+def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD, proposer: str = DRAFT_MODEL.name) -> tuple[MethodSpec, str]:
+    """The method used when the user names none, and a sentence saying why.
 
-
-def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD, proposer: str = "model") -> tuple[MethodSpec, str]:
-    """The method used when the user names none, and a sentence saying why."""
+    Without a designated head, each proposer kind names its own default (proposers.py): with
+    a draft model, speculative cascades' OPT rule at alpha 0, the rule that kept quality inside
+    exact's interval on every measured task at the most acceptance (docs/results.md).
+    """
     from .head import HeadMismatchError
 
     if default_head is not None:
@@ -50,56 +46,56 @@ def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD, pro
         except HeadMismatchError:
             pass
         else:
-            return MethodSpec("diversed", head=default_head), f"using the ensemble head {default_head!r} (--method diversed)"
-    if proposer == "ngram":
-        return (
-            MethodSpec("static", weight=DEFAULT_STATIC_WEIGHT),
-            f"prompt-lookup drafts are point masses, which the default cascade rule would always accept; using --method static --weight {DEFAULT_STATIC_WEIGHT}",
-        )
-    return DEFAULT_RULE, "no general-purpose ensemble head for this pair; using --method cascade --rule opt --alpha 0"
+            return MethodSpec(DynamicEnsemble.name, head=default_head), f"using the ensemble head {default_head!r} (--method diversed)"
+    kind = get_proposer(proposer)
+    return MethodSpec.parse(kind.default_method), kind.default_reason
 
 
 def check_spec(spec: MethodSpec) -> None:
     """Everything about a spec that can be checked before a model loads: required knobs, head files."""
     check_complete(spec)
-    if _needs_head(spec):
+    if head_kind(spec.method) is not None:
         resolve_head_path(spec.head)
 
 
-def _needs_head(spec: MethodSpec) -> bool:
-    return spec.method in VERIFIERS and HEAD in VERIFIERS[spec.method].needs
+def check_compatible(verifier: Verifier | None, proposer: ProposerKind, pair: ModelPair) -> None:
+    """The one check that a method, a proposer and a pair can run together (a one-line error if not)."""
+    if verifier is None:
+        return  # `ar`: the target alone
+    if proposer.needs_draft_model and pair.draft is None:
+        raise UserInputError(f"--method {verifier.name} needs a draft model (or --draft ngram)")
+    missing = proposer.missing_hidden_states(pair) if verifier.needs_hidden_states else None
+    if missing is not None:
+        raise UserInputError(f"--method {verifier.name} needs {missing}")
 
 
-_NO_HIDDEN_WITH_NGRAM = "--method {method} needs the draft model's hidden states; prompt-lookup drafting (--draft ngram) has none"
-
-
-def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = "model") -> Verifier | None:
+def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = DRAFT_MODEL.name) -> Verifier | None:
     """The verifier for a method spec (None for `ar`), loading and checking a head if needed."""
-    if spec.method != "ar" and proposer == "model" and pair.draft is None:
-        raise UserInputError(f"--method {spec.method} needs a draft model (or --draft ngram)")
-    if proposer == "ngram" and _needs_head(spec):
-        raise UserInputError(_NO_HIDDEN_WITH_NGRAM.format(method=spec.method))
-    head = load_head(spec.head, pair.signature()).to(pair.device) if _needs_head(spec) and spec.head else None
-    if head is not None and (spec.method == "judge") != isinstance(head, JudgeHead):
-        kind = "a judge head" if isinstance(head, JudgeHead) else "an ensemble head"
-        raise UserInputError(f"{spec.head!r} is {kind}; use {'judge' if isinstance(head, JudgeHead) else 'diversed'}:{spec.head}")
-    return make_verifier(spec.method, head=head, **spec.verifier_knobs())
+    kind = head_kind(spec.method)
+    head = _load_method_head(pair, spec) if kind is not None and spec.head else None
+    if head is not None and not isinstance(head, kind):
+        owner = next(method for method in METHODS if isinstance(head, head_kind(method) or ()))
+        raise UserInputError(f"{spec.head!r} is {head.kind}; use {owner}:{spec.head}")
+    verifier = make_verifier(spec.method, head=head, **spec.verifier_knobs())
+    check_compatible(verifier, get_proposer(proposer), pair)
+    return verifier
+
+
+def _load_method_head(pair: ModelPair, spec: MethodSpec) -> Any:
+    """The spec's head, checked against the pair; without a draft model (prompt lookup) only
+    the target can be checked, and a head that reads hidden states is refused afterwards."""
+    if pair.draft is None:
+        return load_head(spec.head, target=pair.target_name).to(pair.device)
+    return load_head(spec.head, pair.signature()).to(pair.device)
 
 
 def make_proposer(pair: ModelPair, verifier: Verifier | None, config: GenerationConfig) -> Proposer | None:
     """Where drafted tokens come from (None for `ar`); refuses combinations that cannot work."""
     if verifier is None:
         return None
-    if config.proposer == "ngram":
-        if verifier.needs_hidden_states:
-            raise UserInputError(_NO_HIDDEN_WITH_NGRAM.format(method=verifier.name))
-        return NgramProposer(device=pair.device)
-    if pair.draft is None:
-        raise UserInputError(f"--method {verifier.name} needs a draft model (or --draft ngram)")
-    runner = pair.runner("draft")
-    if verifier.needs_hidden_states and not runner.has_hidden_states:
-        raise UserInputError(f"--method {verifier.name} needs hidden states, which the {pair.backend} backend does not return")
-    return ModelProposer(runner, pair.vocab_size, config.draft_confidence)
+    kind = get_proposer(config.proposer)
+    check_compatible(verifier, kind, pair)
+    return kind.make(pair, config.draft_confidence)
 
 
 def make_policy(pair: ModelPair, config: GenerationConfig) -> DraftLengthPolicy:
@@ -108,7 +104,7 @@ def make_policy(pair: ModelPair, config: GenerationConfig) -> DraftLengthPolicy:
         return FixedDraftLength(int(config.draft_length))
     from .calibration import step_costs
 
-    return AdaptiveDraftLength(step_costs(pair, config.max_draft_length, config.proposer), config.max_draft_length)
+    return AdaptiveDraftLength(step_costs(pair, config.max_draft_length, get_proposer(config.proposer)), config.max_draft_length)
 
 
 def require_utf8(prompt: str | list[dict[str, str]]) -> None:

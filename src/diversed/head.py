@@ -1,4 +1,5 @@
-"""The DIVERSED ensemble head: per-position target weight w_i from both models' hidden states.
+"""The DIVERSED ensemble head, per-position target weight w_i from both models' hidden states,
+and the method that verifies with it (`diversed`, `DynamicEnsemble`).
 
 `w_i = softmax(Linear([h^d_i ; h^t_i]))[TARGET]` (docs/method.md §3). About 2 (H_d + H_t) + 2 parameters.
 Saved as `<name>.safetensors` + `<name>.json`; the JSON names the draft/target pair it was
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import HeadMismatchError, UserInputError
+from .knobs import Knob
+from .verifiers import DRAFT_PROBS, HEAD, HIDDEN_STATES, MixtureVerifier, VerifyContext, mixture
 
 if TYPE_CHECKING:
     from .judge import JudgeHead
@@ -50,6 +53,8 @@ class HeadConfig:
 
 class EnsembleHead(torch.nn.Module):
     """Linear(H_d + H_t -> 2) + softmax; initialised to output w = 0.5 everywhere."""
+
+    kind = "an ensemble head"
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -97,8 +102,9 @@ def shipped_head_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_HEADS_DIR.glob("*.json"))
 
 
-def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> "EnsembleHead | JudgeHead":
-    """Load an ensemble head or a judge head (judge.py); with `pair`, refuse one made for a different pair."""
+def load_head(name_or_path: str | Path, pair: PairSignature | None = None, target: str | None = None) -> "EnsembleHead | JudgeHead":
+    """Load an ensemble head or a judge head (judge.py); with `pair`, refuse one made for a
+    different pair; with only `target` (no draft model loaded), one made for another target."""
     base = resolve_head_path(name_or_path)
     try:
         meta = json.loads(base.with_suffix(".json").read_text())
@@ -108,8 +114,8 @@ def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> "E
 
     if isinstance(meta, dict) and is_judge_meta(meta):
         judge = JudgeHead.from_meta(meta, str(base))
-        if pair is not None:
-            judge.check_pair(pair.target, pair.draft, str(base))
+        if pair is not None or target is not None:
+            judge.check_pair(pair.target if pair is not None else target, pair.draft if pair is not None else None, str(base))
         return judge
     try:
         head_pair = PairSignature(**meta.pop("pair"))
@@ -120,6 +126,8 @@ def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> "E
         raise HeadMismatchError(
             f"head {str(base)!r} was trained for another model pair ({'; '.join(head_pair.differences(pair))})"
         )
+    if target is not None and head_pair.target != target:
+        raise HeadMismatchError(f"head {str(base)!r} was trained for the target {head_pair.target!r}, not {target!r}")
     weights = base.with_suffix(".safetensors")
     try:
         head = EnsembleHead(HeadConfig(head_pair, meta))
@@ -130,3 +138,32 @@ def load_head(name_or_path: str | Path, pair: PairSignature | None = None) -> "E
         first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"head {str(base)!r}: {weights.name} does not fit its config: {first_line}") from None
     return head.eval()
+
+
+HEAD_NAME = Knob("head", str, None, "the ensemble head (a path or a shipped head name)", implies_method=True, required=True,
+                 constructor=False)
+
+
+@dataclass(frozen=True)
+class DynamicEnsemble(MixtureVerifier):
+    """DIVERSED: v_i = w_i p_i + (1 - w_i) q_i with w_i = head(h^d_i, h^t_i)."""
+
+    name: ClassVar[str] = "diversed"
+    knobs: ClassVar[tuple[Knob, ...]] = (HEAD_NAME,)
+    needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS, HIDDEN_STATES, HEAD})
+    head_kind: ClassVar[type] = EnsembleHead
+    verification: ClassVar[str] = "`v_i = w_i·p_i + (1−w_i)·q_i`, `w_i = head(h_draft, h_target)`"
+    lossless: ClassVar[str] = "no (bias reported)"
+    head: torch.nn.Module = field(compare=False)
+
+    def context(self, draft_hidden, target_hidden):
+        with torch.no_grad():
+            return VerifyContext(weights=self.head(draft_hidden, target_hidden))
+
+    def verification_target(self, p, q, ctx):
+        if ctx.weights is None:
+            raise ValueError("the dynamic ensemble needs per-position weights in its context")
+        return mixture(p, q, ctx.weights)
+
+    def describe(self) -> str:
+        return "diversed"

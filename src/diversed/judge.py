@@ -31,7 +31,8 @@ import torch
 from .errors import HeadMismatchError, UserInputError
 from .features import FEATURES, PROJECTION_DIMS, PROJECTION_SEED, hidden_projections, log1p_columns, position_features, regression_inputs
 from .knobs import Knob
-from .verifiers import DRAFT_PROBS, HEAD, LOW_WEIGHT, MixtureVerifier, VerifyContext, _mix, register
+from .gates import LOW_WEIGHT
+from .verifiers import DRAFT_PROBS, HEAD, MixtureVerifier, VerifyContext, mixture
 
 FORMAT = "diversed-judge-head/1"
 
@@ -42,6 +43,8 @@ class JudgeHead:
 
     x: the named features, then (when `projection` is set) both models' projected hidden states.
     """
+
+    kind: ClassVar[str] = "a judge head"
 
     features: tuple[str, ...]
     mean: tuple[float, ...]
@@ -93,9 +96,10 @@ class JudgeHead:
     def to(self, device: Any) -> "JudgeHead":
         return self  # a few numbers, moved with each call
 
-    def check_pair(self, target: str, draft: str, where: str) -> None:
-        if (self.target, self.draft) != (target, draft):
-            raise HeadMismatchError(f"judge head {where!r} was fitted for {self.target} / {self.draft}, not {target} / {draft}")
+    def check_pair(self, target: str, draft: str | None, where: str) -> None:
+        """Refuse another pair's head; `draft` None (no draft model: prompt lookup) checks the target only."""
+        if target != self.target or (draft is not None and draft != self.draft):
+            raise HeadMismatchError(f"judge head {where!r} was fitted for {self.target} / {self.draft}, not {target} / {draft or '(no draft model)'}")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path).with_suffix(".json")
@@ -149,7 +153,6 @@ JUDGE_HEAD = Knob("head", str, None, "the judge head (a path to its JSON file)",
 JUDGE_THRESHOLD = Knob("threshold", float, 0.5, "the judge's threshold on P(important)", interval=(0, 1, "[]"))
 
 
-@register
 @dataclass(frozen=True)
 class Judge(MixtureVerifier):
     """Judge gate: v_i = w_i p_i + (1 - w_i) q_i, w_i = 1 where the head's P(important) > threshold, else `low`."""
@@ -157,6 +160,7 @@ class Judge(MixtureVerifier):
     name: ClassVar[str] = "judge"
     knobs: ClassVar[tuple[Knob, ...]] = (JUDGE_HEAD, JUDGE_THRESHOLD, LOW_WEIGHT)
     needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS, HEAD})
+    head_kind: ClassVar[type] = JudgeHead
     verification: ClassVar[str] = ("mixture with `w_i = 1` where a fitted judge's P(important) > τ, else the low weight "
                                    "(a head fitted with `--hidden` also reads hidden states)")
     lossless: ClassVar[str] = "no (bias reported)"
@@ -183,7 +187,7 @@ class Judge(MixtureVerifier):
         return torch.where(importance > self.threshold, 1.0, self.low).to(p.dtype)
 
     def verification_target(self, p, q, ctx):
-        return _mix(p, q, self.weights(p, q, ctx))
+        return mixture(p, q, self.weights(p, q, ctx))
 
     def describe(self) -> str:
         return f"judge(tau={self.threshold:g}, low={self.low:g})"

@@ -1,7 +1,8 @@
 """The method registry: every decoding method a user can name, derived from the verifier classes.
 
-A verifier class declares its name, knobs and needs (verifiers.py, `@register`); from those
-this module derives what every front shows:
+A verifier class declares its name, knobs and needs (verifiers.py, gates.py, judge.py), and
+one line of `VERIFIERS` below registers it; from those this module derives what every front
+shows:
 
 - `METHODS`, the method names (`ar` plus every registered verifier);
 - `MethodSpec`, a method and its knobs as a user names them, with its spec string
@@ -24,11 +25,43 @@ import torch
 
 from .errors import UserInputError
 from .knobs import Knob
-from . import judge as _judge  # noqa: F401 (registers the `judge` method beside verifiers.py's)
-from .verifiers import DRAFT_PROBS, HEAD, HIDDEN_STATES, VERIFIERS, Verifier
+from .gates import EntropyGate, KLGate
+from .head import DynamicEnsemble
+from .judge import Judge
+from .verifiers import (DRAFT_PROBS, HEAD, HIDDEN_STATES, Exact, Lenient, SpeculativeCascade, StaticEnsemble, TypicalAcceptance,
+                        Verifier)
 
+
+def _registry(*classes: type[Verifier]) -> dict[str, type[Verifier]]:
+    names = [cls.name for cls in classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two verification methods share a name: {names}")
+    return dict(zip(names, classes))
+
+
+#: Every verification method users can name, in the order fronts list them. Adding a method is
+#: its class plus one entry here (docs/method.md, "Adding a method").
+VERIFIERS: dict[str, type[Verifier]] = _registry(
+    Exact, StaticEnsemble, DynamicEnsemble, Lenient, SpeculativeCascade, TypicalAcceptance, KLGate, EntropyGate, Judge,
+)
 AR = "ar"  # the target alone, one token per forward: the one method without a verifier
 METHODS: tuple[str, ...] = (AR, *VERIFIERS)
+
+
+def needs_draft(method: str) -> bool:
+    """Whether a method verifies drafts (every method but `ar`)."""
+    return method != AR
+
+
+def static_line_weight(label: str) -> float | None:
+    """w of a method label's point on the static line (`exact` is its w = 1 end); None off the line."""
+    spec = MethodSpec.parse(label)
+    return VERIFIERS[spec.method].static_line_weight(spec.given()) if spec.method in VERIFIERS else None
+
+
+def head_kind(method: str) -> type | None:
+    """The class of head a method loads (EnsembleHead, JudgeHead), None when it loads none."""
+    return VERIFIERS[method].head_kind if method in VERIFIERS else None
 
 
 def knobs_of(method: str) -> tuple[Knob, ...]:
@@ -217,7 +250,7 @@ _NEEDS = {DRAFT_PROBS: "draft probabilities", HIDDEN_STATES: "hidden states", HE
 
 
 def markdown_table() -> str:
-    """The method table of README.md (tests/test_method_table.py checks the README holds it)."""
+    """The method table of README.md (tests/test_registry.py checks the README holds it)."""
     lines = [
         "| `--method` | spec string | verification target / rule | knobs: range (default) | needs | lossless? |",
         "|---|---|---|---|---|---|",

@@ -42,6 +42,7 @@ from .features import FEATURES, PROJECTION_DIMS, position_features, projection  
 from .errors import UserInputError
 from .evaluate import encodable_examples, example_seed, teacher_forced
 from .generation import MethodSpec, first_stop, generate
+from .methods import AR
 from .models import ModelPair
 from .runners.base import ModelRunner
 from .run_files import RunSettings, atomic_write_text, read_rows
@@ -148,7 +149,7 @@ def counterfactual_text(pair: ModelPair, task: Task, settings: MineSettings, pro
     config = GenerationConfig(max(rest_budget, 1), sampling=SamplingParams(0.0), seed=0, stop=())
     room = pair.context_window - len(prompt_ids) - len(prefix) - config.draft_length - 1  # as `generate` reserves
     if draft_token not in pair.eos_token_ids and rest_budget > 0 and room > 0:
-        new_ids = generate(pair, prompt_ids + prefix, MethodSpec("ar"), config).token_ids
+        new_ids = generate(pair, prompt_ids + prefix, MethodSpec(AR), config).token_ids
     text = pair.tokenizer.decode(prefix + new_ids, skip_special_tokens=True)
     cut = first_stop(text, stops)
     return text if cut is None else text[:cut]
@@ -171,7 +172,7 @@ def mine_problem(pair: ModelPair, task: Task, example: Example, prompt_ids: list
     seed = example_seed(settings.seed, example.id)
     started = time.perf_counter()
     config = GenerationConfig(settings.max_new_tokens, sampling=params, seed=seed, stop=task.stop(settings.raw))
-    result = generate(pair, prompt_ids, MethodSpec("ar"), config)
+    result = generate(pair, prompt_ids, MethodSpec(AR), config)
     cost["seconds_generation"] += time.perf_counter() - started
     completion = list(result.token_ids)
     original_score = float(task.score(example, result.text))

@@ -2,7 +2,10 @@
 `CandidateGenerator` and llama.cpp's `common/speculative` have).
 
 A proposer drafts up to n tokens after the committed ones and, after the round, hears how
-many were committed (`rollback`, the feedback hook). Two are built in, chosen by name:
+many were committed (`rollback`, the feedback hook). Each kind of proposer is one registered
+object (`ProposerKind`, `PROPOSERS` below) that says whether it needs a draft model, what a
+draft step costs and which method suits it by default, and makes the proposer for a pair.
+Two are built in, chosen by `--draft`:
 
 - `model`: a small draft model (a runner), tokens sampled from its processed distribution q.
 - `ngram`: prompt lookup (vLLM's ngram proposer, Hugging Face's `prompt_lookup_num_tokens`):
@@ -13,16 +16,16 @@ many were committed (`rollback`, the feedback hook). Two are built in, chosen by
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
 from .errors import UserInputError
 from .runners import ModelRunner
 from .sampling import SamplingParams, choose, logits_to_probs
-
-PROPOSERS = ("model", "ngram")
+from .verifiers import DEFAULT_STATIC_WEIGHT
 
 
 @dataclass
@@ -127,3 +130,83 @@ def lookup_continuation(context: list[int], n: int, min_ngram: int, max_ngram: i
 def point_masses(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """One-hot rows: the draft distribution of a deterministic proposer. [n] -> [n, V] float32."""
     return torch.nn.functional.one_hot(tokens, vocab_size).to(torch.float32)
+
+
+class ProposerKind(ABC):
+    """One kind of proposer, as the registry names it: what it needs and what it costs.
+
+    `pair` arguments are `models.ModelPair`s (typed loosely: this module sits below models.py).
+    """
+
+    name: ClassVar[str]
+    #: True when drafting runs the pair's draft model (the pair must load one).
+    needs_draft_model: ClassVar[bool]
+    #: The method used when the user names none (a spec string) and one sentence saying why.
+    default_method: ClassVar[str]
+    default_reason: ClassVar[str]
+
+    @abstractmethod
+    def make(self, pair: Any, draft_confidence: float) -> Proposer:
+        """A proposer drafting for this pair."""
+
+    @abstractmethod
+    def draft_seconds(self, measured: float | None) -> float:
+        """c, the cost of one draft step, from the measured draft-model step (None: not measured)."""
+
+    @abstractmethod
+    def missing_hidden_states(self, pair: Any) -> str | None:
+        """Why its proposals carry no draft hidden states (completing "needs ..."), or None when they do."""
+
+
+class DraftModelProposer(ProposerKind):
+    name: ClassVar[str] = "model"
+    needs_draft_model: ClassVar[bool] = True
+    default_method: ClassVar[str] = "cascade:opt:0"
+    default_reason: ClassVar[str] = "no general-purpose ensemble head for this pair; using --method cascade --rule opt --alpha 0"
+
+    def make(self, pair, draft_confidence):
+        return ModelProposer(pair.runner("draft"), pair.vocab_size, draft_confidence)
+
+    def draft_seconds(self, measured):
+        return measured if measured is not None else 0.0
+
+    def missing_hidden_states(self, pair):
+        if pair.draft is None or pair.runner("draft").has_hidden_states:
+            return None
+        return f"hidden states, which the {pair.backend.name} backend does not return"
+
+
+class PromptLookupProposer(ProposerKind):
+    name: ClassVar[str] = "ngram"
+    needs_draft_model: ClassVar[bool] = False
+    # Prompt-lookup drafts are point masses (max q = 1), which the cascade rule would always trust.
+    default_method: ClassVar[str] = f"static:{DEFAULT_STATIC_WEIGHT}"
+    default_reason: ClassVar[str] = ("prompt-lookup drafts are point masses, which the default cascade rule would always accept; "
+                                     f"using --method static --weight {DEFAULT_STATIC_WEIGHT}")
+
+    def make(self, pair, draft_confidence):
+        return NgramProposer(device=pair.device)
+
+    def draft_seconds(self, measured):
+        return 0.0  # a lookup in the committed tokens: nothing runs
+
+    def missing_hidden_states(self, pair):
+        return "the draft model's hidden states; prompt-lookup drafting (--draft ngram) has none"
+
+
+DRAFT_MODEL = DraftModelProposer()
+#: Every proposer kind by name: `--draft NAME` picks one that needs no draft model; any other
+#: `--draft` value is a draft model's spec.
+PROPOSERS: dict[str, ProposerKind] = {kind.name: kind for kind in (DRAFT_MODEL, PromptLookupProposer())}
+
+
+def get_proposer(name: str) -> ProposerKind:
+    if name not in PROPOSERS:
+        raise UserInputError(f"unknown proposer {name!r}; choose one of {', '.join(PROPOSERS)} (--draft)")
+    return PROPOSERS[name]
+
+
+def proposer_for_draft(draft: str | None) -> ProposerKind:
+    """The proposer a `--draft` value names: a model-free proposer by its name, else the draft model."""
+    kind = PROPOSERS.get(draft) if draft is not None else None
+    return kind if kind is not None and not kind.needs_draft_model else DRAFT_MODEL

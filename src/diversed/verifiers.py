@@ -20,20 +20,19 @@ distribution `q` (both [N, V], the processed distributions of docs/method.md §1
 
 Position i then emits token v with probability
 `q(v) * acceptance(v) + (1 - sum_u q(u) acceptance(u)) * residual(v)` (`induced_distribution`).
-Adding a method is adding one class here, decorated with `@register`, and its tests: the class
-declares its name, its knobs (`knobs.Knob`: type, range, default, doc) and what it needs, and the
-method registry (`methods.py`) derives spec strings, CLI flags, the server's fields, the
-evaluator's method list and the docs' table from that. The engine loop does not change.
-The two gates at the end of this file are examples.
+Adding a method is adding one class (here or in a module of its own, as gates.py and judge.py),
+one line in the method registry (`methods.VERIFIERS`), and its tests: the class declares its
+name, its knobs (`knobs.Knob`: type, range, default, doc) and what it needs, and the registry
+derives spec strings, CLI flags, the server's fields, the evaluator's method list and the docs'
+table from that. The engine loop does not change. The two gates (gates.py) are examples.
 
 Weight convention (docs/method.md §3): `w` is the weight on the **target**. w = 1 is lossless.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple
 
 import torch
@@ -81,6 +80,8 @@ class Verifier(ABC):
     needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS})
     verification: ClassVar[str] = ""
     lossless: ClassVar[str] = "no"
+    #: The class of head the method loads (its `head` knob), None for a method without one.
+    head_kind: ClassVar[type | None] = None
     #: True when `context` needs the draft's and target's last-layer hidden states (from `needs`,
     #: unless a class decides per instance with a property of this name, as the judge does).
     needs_hidden_states: ClassVar[bool] = False
@@ -89,6 +90,13 @@ class Verifier(ABC):
         super().__init_subclass__(**kwargs)
         if not isinstance(cls.__dict__.get("needs_hidden_states"), property):
             cls.needs_hidden_states = HIDDEN_STATES in cls.needs
+
+    @classmethod
+    def static_line_weight(cls, knobs: dict) -> float | None:
+        """The weight w of this method's point on the static line (`static:w`, with `exact` its
+        w = 1 end) from its knobs; None for a method off that line. Plots and
+        benchmarks/static_line.py draw and compare against the line."""
+        return None
 
     def __post_init__(self) -> None:
         """Every knob checks its value (dataclass subclasses call this after __init__)."""
@@ -167,7 +175,7 @@ class MixtureVerifier(Verifier):
         return self.verification_target(p, q, ctx).argmax(dim=-1)
 
 
-def _mix(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+def mixture(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
     """w * p + (1 - w) * q, with w a float or a per-position [N] tensor."""
     if isinstance(w, torch.Tensor):
         w = w.to(p.dtype).unsqueeze(-1)  # [N, 1]
@@ -175,23 +183,15 @@ def _mix(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor | float) -> torch.Ten
 
 
 # Verification methods by name, in the order users see them (`@register`).
-VERIFIERS: dict[str, type[Verifier]] = {}
-
-
-def register(cls: type[Verifier]) -> type[Verifier]:
-    """Make a verifier class a method users can name (the registry reads its declarations)."""
-    if cls.name in VERIFIERS:
-        raise ValueError(f"two verification methods are called {cls.name!r}")
-    VERIFIERS[cls.name] = cls
-    return cls
-
-
-@register
 @dataclass(frozen=True)
 class Exact(MixtureVerifier):
     """Lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023): v = p."""
 
     name: ClassVar[str] = "exact"
+
+    @classmethod
+    def static_line_weight(cls, knobs):
+        return 1.0
     verification: ClassVar[str] = "`v = p` (Leviathan/Chen)"
     lossless: ClassVar[str] = "yes"
 
@@ -207,7 +207,6 @@ WEIGHT = Knob("weight", float, DEFAULT_STATIC_WEIGHT, "the ensemble weight w (on
               interval=(0, 1, "(]"), implies_method=True)
 
 
-@register
 @dataclass(frozen=True)
 class StaticEnsemble(MixtureVerifier):
     """Static ensemble: v = w p + (1 - w) q with a fixed target weight w in (0, 1]."""
@@ -219,46 +218,20 @@ class StaticEnsemble(MixtureVerifier):
     lossless: ClassVar[str] = "at w = 1"
     weight: float = WEIGHT.default
 
+    @classmethod
+    def static_line_weight(cls, knobs):
+        return float(knobs.get("weight", WEIGHT.default))
+
     def verification_target(self, p, q, ctx):
-        return _mix(p, q, self.weight)
+        return mixture(p, q, self.weight)
 
     def describe(self) -> str:
         return f"static(w={self.weight:g})"
 
 
-HEAD_NAME = Knob("head", str, None, "the ensemble head (a path or a shipped head name)", implies_method=True, required=True,
-                 constructor=False)
-
-
-@register
-@dataclass(frozen=True)
-class DynamicEnsemble(MixtureVerifier):
-    """DIVERSED: v_i = w_i p_i + (1 - w_i) q_i with w_i = head(h^d_i, h^t_i)."""
-
-    name: ClassVar[str] = "diversed"
-    knobs: ClassVar[tuple[Knob, ...]] = (HEAD_NAME,)
-    needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS, HIDDEN_STATES, HEAD})
-    verification: ClassVar[str] = "`v_i = w_i·p_i + (1−w_i)·q_i`, `w_i = head(h_draft, h_target)`"
-    lossless: ClassVar[str] = "no (bias reported)"
-    head: torch.nn.Module = field(compare=False)
-
-    def context(self, draft_hidden, target_hidden):
-        with torch.no_grad():
-            return VerifyContext(weights=self.head(draft_hidden, target_hidden))
-
-    def verification_target(self, p, q, ctx):
-        if ctx.weights is None:
-            raise ValueError("the dynamic ensemble needs per-position weights in its context")
-        return _mix(p, q, ctx.weights)
-
-    def describe(self) -> str:
-        return "diversed"
-
-
 LENIENCE = Knob("lenience", float, 0.5, "the lenience l (l = 1 is lossless)", interval=(0, 1, "(]"))
 
 
-@register
 @dataclass(frozen=True)
 class Lenient(Verifier):
     """Lenient speculative sampling (Leviathan et al., appendix A.5), lenience l in (0, 1].
@@ -313,7 +286,6 @@ CASCADE_RULE = Knob("rule", str, "token", "the cascade's deferral rule", choices
 CASCADE_ALPHA = Knob("alpha", float, 0.1, "the cascade's lenience alpha", interval=(0, 1, "[]"), aliases=("lenience",))
 
 
-@register
 @dataclass(frozen=True)
 class SpeculativeCascade(MixtureVerifier):
     """Speculative cascades (Narasimhan et al., 2024): lossless verification against pi.
@@ -346,7 +318,6 @@ TYPICAL_EPS = Knob("eps", float, 0.09, "typical acceptance's floor eps", interva
 TYPICAL_ALPHA = Knob("alpha", float, 0.3, "typical acceptance's entropy factor alpha", interval=(0, 1, "(]"))
 
 
-@register
 @dataclass(frozen=True)
 class TypicalAcceptance(Verifier):
     """Typical acceptance (Medusa; vLLM V0): accept x iff p(x) > min(eps, alpha * exp(-H(p))).
@@ -381,77 +352,6 @@ class TypicalAcceptance(Verifier):
         return f"typical(eps={self.eps:g}, alpha={self.alpha:g})"
 
 
-# The two gates below are the worked example of adding a method (docs/method.md, "Adding a
-# method"): a class with its knobs, registered, plus its tests (tests/test_gates.py).
-
-# Target weight of the gates where they trust the draft. Not 0: the emitted law then keeps some
-# target mass on every token the target supports (v = q would never emit a token the draft
-# gives probability 0), at a cost of only 10% of the acceptance gain at those positions.
-LOW_WEIGHT = Knob("low_weight", float, 0.1, "the gate's low weight (target weight where it trusts the draft)",
-                  interval=(0, 1, "[)"), field="low")
-
-
-def _gate_threshold(default: float, statistic: str) -> Knob:
-    # Gate thresholds (nats) when none is given: starting points for a sweep, not tuned values.
-    return Knob("threshold", float, default, f"the gate threshold tau on {statistic} (nats)", interval=(0, math.inf, "()"))
-
-
-KL_THRESHOLD = _gate_threshold(0.5, "KL(p||q)")
-ENTROPY_THRESHOLD = _gate_threshold(1.0, "H(p)")
-
-
-@register
-@dataclass(frozen=True)
-class KLGate(MixtureVerifier):
-    """KL gate: v_i = w_i p_i + (1 - w_i) q_i with w_i = 1 where KL(p_i || q_i) > threshold, else `low`.
-
-    Trusts the draft where it agrees with the target in KL (nats); by Pinsker the bias of an
-    un-gated position is at most (1 - low) sqrt(threshold / 2). Needs only (p, q).
-    """
-
-    name: ClassVar[str] = "klgate"
-    knobs: ClassVar[tuple[Knob, ...]] = (KL_THRESHOLD, LOW_WEIGHT)
-    verification: ClassVar[str] = "mixture with `w_i = 1` where `KL(p‖q) > τ`, else the low weight"
-    threshold: float = KL_THRESHOLD.default
-    low: float = LOW_WEIGHT.default
-
-    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """w_i per position. [N, V] -> [N]."""
-        return torch.where(kl_divergence(p, q) > self.threshold, 1.0, self.low).to(p.dtype)
-
-    def verification_target(self, p, q, ctx):
-        return _mix(p, q, self.weights(p, q))
-
-    def describe(self) -> str:
-        return f"klgate(tau={self.threshold:g}, low={self.low:g})"
-
-
-@register
-@dataclass(frozen=True)
-class EntropyGate(MixtureVerifier):
-    """Entropy gate (FLy-style): w_i = 1 where H(p_i) > threshold (nats), else `low`.
-
-    Trusts the draft where the target is confident; an uncertain target keeps its own law.
-    """
-
-    name: ClassVar[str] = "entgate"
-    knobs: ClassVar[tuple[Knob, ...]] = (ENTROPY_THRESHOLD, LOW_WEIGHT)
-    needs: ClassVar[frozenset[str]] = frozenset({DRAFT_PROBS})
-    verification: ClassVar[str] = "mixture with `w_i = 1` where `H(p) > τ`, else the low weight"
-    threshold: float = ENTROPY_THRESHOLD.default
-    low: float = LOW_WEIGHT.default
-
-    def weights(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """w_i per position. [N, V] -> [N]."""
-        return torch.where(entropy(p) > self.threshold, 1.0, self.low).to(p.dtype)
-
-    def verification_target(self, p, q, ctx):
-        return _mix(p, q, self.weights(p, q))
-
-    def describe(self) -> str:
-        return f"entgate(tau={self.threshold:g}, low={self.low:g})"
-
-
 def emitted_distribution(q: torch.Tensor, acceptance: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """q(v) acceptance(v) + (1 - sum_u q(u) acceptance(u)) residual(v). All [N, V] -> [N, V]."""
     kept = q * acceptance  # [N, V]: drafted and accepted
@@ -475,7 +375,7 @@ def position_bias(verifier: Verifier, p: torch.Tensor, q: torch.Tensor, ctx: Ver
 
 
 __all__ = [
-    "Verifier", "VerifyContext", "VerifyTables", "MixtureVerifier", "VERIFIERS", "register",
-    "Exact", "StaticEnsemble", "DynamicEnsemble", "Lenient", "SpeculativeCascade", "TypicalAcceptance", "KLGate", "EntropyGate",
+    "Verifier", "VerifyContext", "VerifyTables", "MixtureVerifier", "mixture",
+    "Exact", "StaticEnsemble", "Lenient", "SpeculativeCascade", "TypicalAcceptance",
     "CASCADE_RULES", "entropy", "kl_divergence", "emitted_distribution", "induced_distribution", "acceptance_rate", "position_bias",
 ]

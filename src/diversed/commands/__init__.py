@@ -1,2 +1,3 @@
-"""The `diversed` subcommands besides `generate` (which lives in cli.py): each module adds its
-command with `register_cli(subparsers)` and stays thin over the library (cli.py imports them)."""
+"""The `diversed` subcommands: each module adds its command with `register_cli(subparsers)` and
+stays thin over the library; args.py holds the argument groups they share, and cli.py builds
+the parser from the modules and dispatches."""

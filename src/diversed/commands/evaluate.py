@@ -12,11 +12,13 @@ from ..evaluate import (DEFAULT_WEIGHTS, FRONT_JSON, FRONT_PLOT, SUMMARY_JSON, E
                         run_eval, summary_markdown, theoretical_front)
 from ..generation import MethodSpec, check_spec
 from ..methods import METHODS, spec_syntax
-from ..models import DEFAULT_DRAFT, DEFAULT_TARGET
+from ..embedded import DEFAULT_DRAFT, DEFAULT_TARGET
+from ..methods import needs_draft
 from ..sampling import SamplingParams
 from ..run_files import writable_folder
 from ..sandbox import require_isolation
 from ..tasks import TASKS, Example, Task, get_task
+from .args import add_model_args, add_sampling_args, config_from_args, pair_from_args, proposer_from_args, resolve_backend
 
 
 def _parse_methods(text: str) -> list[MethodSpec]:
@@ -55,23 +57,23 @@ def _load(args: argparse.Namespace) -> tuple[Task, list[Example]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..cli import NGRAM, config_from_args, pair_from_args, resolve_backend
-
     task, examples = _load(args)
     if task.metric_name == "pass@1":
         require_isolation(args.unsafe_sandbox)  # before anything runs model-written code
     specs = _parse_methods(args.methods)
     config = config_from_args(args)  # validates the sampling options before the models load
-    target, draft = args.target or DEFAULT_TARGET.name, NGRAM if args.draft == NGRAM else args.draft or DEFAULT_DRAFT.name
+    proposer = proposer_from_args(args)
+    target, draft = args.target or DEFAULT_TARGET.name, (args.draft or DEFAULT_DRAFT.name) if proposer.needs_draft_model else proposer.name
+    backend = resolve_backend(args)  # settles --backend auto and the dtype, which the settings record
     settings = EvalSettings(
         task=task.name, split=args.split, target=target, draft=draft,
         dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         draft_length=config.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
-        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=resolve_backend(args), proposer=config.proposer,
+        draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=backend, proposer=config.proposer,
     )
     out_dir = writable_folder(Path(args.out))  # fail before the (slow) model load
     check_settings(out_dir, settings)
-    pair = pair_from_args(args, needs_draft=any(spec.method != "ar" for spec in specs))
+    pair = pair_from_args(args, needs_draft=any(needs_draft(spec.method) for spec in specs))
     summary = run_eval(pair, task, examples, specs, settings, out_dir, lockstep=args.lockstep)
     print(summary_markdown(summary))
     print(f"rows, summary and plot in {out_dir}/", file=sys.stderr)
@@ -79,8 +81,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from ..cli import pair_from_args
-
     task, examples = _load(args)
     weights = _parse_weights(args.weights)
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
@@ -115,8 +115,6 @@ def _add_task_args(parser: argparse.ArgumentParser, default_n: int) -> None:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval` and `pareto` to the `diversed` command line."""
-    from ..cli import add_model_args, add_sampling_args
-
     ev = subparsers.add_parser("eval", help="compare decoding methods on a task: quality, acceptance, speed")
     _add_task_args(ev, default_n=50)
     ev.add_argument("--methods", default="ar,exact,static:0.9,static:0.7", help=f"comma-separated: {', '.join(spec_syntax(m) for m in METHODS)}; trailing knobs may be left out (default %(default)s)")

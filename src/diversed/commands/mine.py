@@ -9,13 +9,12 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from ..mining import MineSettings, check_settings, run_mining
-from ..models import DEFAULT_DRAFT, DEFAULT_TARGET
+from ..embedded import DEFAULT_DRAFT, DEFAULT_TARGET
 from ..tasks import TASKS, get_task
+from .args import add_model_args, pair_from_args, resolve_backend
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from ..cli import pair_from_args, resolve_backend
-
     if args.max_counterfactuals < 0:
         raise UserInputError(f"--max-counterfactuals must be >= 0, got {args.max_counterfactuals}")
     if args.max_likelihood_labels is not None and args.max_likelihood_labels < 0:
@@ -24,12 +23,13 @@ def cmd_mine(args: argparse.Namespace) -> int:
         raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     task = get_task(args.task)
     examples = task.load(args.split, args.n, args.data_dir)
+    backend = resolve_backend(args)  # settles --backend auto and the dtype, which the settings record
     settings = MineSettings(
         task=task.name, split=args.split, target=args.target or DEFAULT_TARGET.name, draft=args.draft or DEFAULT_DRAFT.name,
         dtype=args.dtype, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         max_counterfactuals=args.max_counterfactuals, seed=args.seed, max_likelihood_labels=args.max_likelihood_labels,
         control=args.control, raw=args.raw, save_hidden=args.save_hidden,
-        prompt_version=task.prompt_version, backend=resolve_backend(args),
+        prompt_version=task.prompt_version, backend=backend,
     )
     settings.sampling  # validates the temperature before the (slow) model load
     out_dir = Path(args.out)
@@ -79,8 +79,6 @@ def cmd_fit_judge(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `mine` and `fit-judge` to the `diversed` command line."""
-    from ..cli import add_model_args
-
     mine = subparsers.add_parser("mine", help="per-position features and mismatch labels on target completions (issue 15)")
     group = mine.add_argument_group("problems")
     group.add_argument("--task", required=True, choices=list(TASKS), help="benchmark (gsm8k, mbpp, xsum have train splits)")

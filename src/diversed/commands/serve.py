@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import sys
 
-from ..methods import METHODS
+from ..methods import METHODS, needs_draft
 from ..server import limits
 from ..server.schemas import ServerSettings
+from .args import add_method_args, add_model_args, add_sampling_args, config_from_args, method_spec_from_args, pair_from_args
 
 
 def _method_list(text: str) -> tuple[str, ...]:
@@ -21,8 +22,6 @@ def _method_list(text: str) -> tuple[str, ...]:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `diversed serve` (called by diversed.cli)."""
-    from ..cli import add_method_args, add_model_args, add_sampling_args
-
     parser = subparsers.add_parser("serve", help="serve an OpenAI-compatible HTTP API (completions, chat, metrics)")
     add_model_args(parser)
     add_method_args(parser)
@@ -47,8 +46,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Validated settings, before any model loads."""
-    from ..cli import config_from_args, method_spec_from_args
-
     return ServerSettings(
         default_spec=method_spec_from_args(args),
         # The largest draft a request may ask for is also N_max for draft_length "auto".
@@ -68,24 +65,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_with_vllm(args)
     import uvicorn
 
-    from ..cli import pair_from_args
     from ..server import create_app
 
     settings = settings_from_args(args)
-    pair = pair_from_args(args, needs_draft=any(method != "ar" for method in settings.allowed_methods))
+    pair = pair_from_args(args, needs_draft=any(needs_draft(method) for method in settings.allowed_methods))
     app = create_app(pair, settings)
     print(
         f"serving {settings.model_name or pair.target_name} (draft {pair.draft_name}) on http://{args.host}:{args.port}/v1, "
-        f"default method {app.state.default_spec.label}, backend {pair.backend} ({pair.backend_reason})",
+        f"default method {app.state.default_spec.label}, backend {pair.backend.name} ({pair.backend_reason})",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5, **limits.uvicorn_limits(args.max_connections, args.header_timeout))
     return 0
 
 
-
 def _serve_with_vllm(args: argparse.Namespace) -> int:
-    from ..cli import method_spec_from_args
     from ..integrations.vllm.launch import serve
 
     spec = method_spec_from_args(args)

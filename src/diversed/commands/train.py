@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from ..train import CHECKPOINT_DIR, HEAD_NAME, TrainSettings, load_training_examples, task_reward, train_head
+from ..runners import AUTO, batch_backend, get_backend
 from ..train.loop import BASELINES
+from .args import add_model_args, pair_from_args, proposer_from_args
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
@@ -18,20 +20,20 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..models import load_pair
-
     settings = settings_from_args(args)
     if args.checkpoint_every < 1:
         raise UserInputError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     task, examples = load_training_examples(args.task, settings.prompts, args.data_dir)  # before the slow model load
-    if args.backend == "llama.cpp" or args.draft == "ngram":
-        raise UserInputError("training needs the torch backend and a draft model (batched rollouts over both models' KV caches); "
-                             "use --backend torch (or auto) and a draft model")
+    if args.backend == AUTO:
+        args.backend = batch_backend().name  # rollouts are batched: no speed measurement chooses here
+    if not get_backend(args.backend).can_batch or not proposer_from_args(args).needs_draft_model:
+        raise UserInputError(f"training needs the {batch_backend().name} backend and a draft model (batched rollouts over both models' "
+                             f"KV caches); use --backend {batch_backend().name} (or auto) and a draft model")
     if task.metric_name == "pass@1":
         from ..sandbox import require_isolation
 
         require_isolation(args.unsafe_sandbox)  # rewards run model-written code
-    pair = load_pair(args.target, args.draft, args.dtype, device=args.device, backend="torch")
+    pair = pair_from_args(args)
     head = train_head(
         pair, examples, task.prompt, task_reward(task), settings, args.out,
         checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
@@ -65,8 +67,6 @@ TRAINING_FLAGS = {
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `train` to the `diversed` command line."""
-    from ..cli import add_model_args
-
     defaults = TrainSettings()
     tr = subparsers.add_parser("train", help="train an ensemble head for a task (sequence-level RL, docs/method.md §5)")
     tr.add_argument("--task", required=True, help="gsm8k, mbpp or xsum (any task with a train split)")

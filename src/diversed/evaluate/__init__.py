@@ -12,7 +12,8 @@ Commands: `diversed eval` and `diversed pareto` (diversed/commands/evaluate.py, 
 
 from ..run_files import read_settings
 from .plots import plot_eval, plot_front
-from .run import ROW_FIELDS, ROWS_FILE, SETTINGS_FILE, EvalSettings, check_settings, encodable_examples, example_seed, load_rows, run_eval
+from .run import ROW_FIELDS, ROWS_FILE, encodable_examples, load_rows, run_eval
+from .settings import SETTINGS_FILE, EvalSettings, check_settings, example_seed
 from .summary import SUMMARY_JSON, SUMMARY_MD, mean_ci, summarize, summary_markdown, verified_positions, write_summary
 from .theory import DEFAULT_WEIGHTS, FRONT_JSON, FRONT_PLOT, position_tv, teacher_forced, theoretical_front
 

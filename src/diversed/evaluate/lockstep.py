@@ -11,7 +11,7 @@ same law as in `engine.decode`, and the counts in `Metrics` mean the same
 (tests/test_lockstep.py enumerates the joint law of tokens and accept counts and checks
 both against it).
 
-What it buys: a batch of rows shares one forward pass per token (`runners.hf.TorchBatch`),
+What it buys: a batch of rows shares one forward pass per token (`ModelPair.batch`),
 and the rows of one prompt share its prefill, so an evaluation of many methods runs several
 times faster on a CPU than generation by generation. What it cannot say: speed. Every token
 costs a step of both models, so rows carry no seconds (`lockstep: true` in eval rows) and
@@ -36,7 +36,9 @@ from ..errors import UserInputError
 from ..generation import GenerationResult, IncrementalText, first_stop
 from ..metrics import Metrics
 from ..models import ModelPair
-from ..runners.hf import TorchBatch
+from ..proposers import DRAFT_MODEL, get_proposer
+from ..runners import batch_backend
+from ..runners.base import left_pad
 from ..sampling import logits_to_probs, sample, total_variation
 from ..verifiers import Verifier
 
@@ -76,13 +78,14 @@ class _RowState:
 
 def check_lockstep(pair: ModelPair, config: GenerationConfig) -> None:
     """Refuse what lockstep evaluation cannot do, with one line each."""
-    if pair.backend != "torch":
-        raise UserInputError(f"lockstep evaluation runs on the torch backend (this pair uses {pair.backend}); pass --backend torch")
+    if not pair.backend.can_batch:
+        raise UserInputError(f"lockstep evaluation runs on a backend that decodes batches ({batch_backend().name}; this pair uses "
+                             f"{pair.backend.name}); pass --backend {batch_backend().name}")
     if config.sampling.greedy:
         raise UserInputError("lockstep evaluation samples (temperature > 0); greedy methods are deterministic, evaluate them without --lockstep")
     if not isinstance(config.draft_length, int):
         raise UserInputError("lockstep evaluation needs a fixed --draft-length N (speed-driven 'auto' means nothing without timing)")
-    if config.draft_confidence or config.proposer != "model" or config.bias_budget is not None:
+    if config.draft_confidence or get_proposer(config.proposer) is not DRAFT_MODEL or config.bias_budget is not None:
         raise UserInputError("lockstep evaluation supports the draft model proposer without --draft-confidence or --bias-budget")
 
 
@@ -108,9 +111,9 @@ def _run_batch(pair: ModelPair, rows: Sequence[LockstepRow], config: GenerationC
     eos = set() if config.ignore_eos else set(pair.eos_token_ids)
     policy = FixedDraftLength(int(config.draft_length))
     prompts = list(dict.fromkeys(row.prompt_ids for row in rows))  # distinct prompts, in order
-    ids, mask, positions = TorchBatch.left_pad(prompts, device)  # [P, L] each
+    ids, mask, positions = left_pad(prompts, device)  # [P, L] each
     copies = torch.tensor([prompts.index(row.prompt_ids) for row in rows], device=device)  # [B] prompt of each row
-    models = [TorchBatch(pair.target, pair.vocab_size), TorchBatch(pair.draft, pair.vocab_size)]
+    models = [pair.batch("target"), pair.batch("draft")]
     outputs = [model.feed(ids, mask, positions) for model in models]  # prefill: (logits [P, V], hidden [P, H]) per model
     for model in models:
         model.keep(copies)  # one cached copy of its prompt per row

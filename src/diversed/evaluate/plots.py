@@ -5,15 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..methods import MethodSpec
-
-
-def _static_weight(label: str) -> float | None:
-    """w of a point on the static line; `exact` is its w = 1 end."""
-    spec = MethodSpec.parse(label)
-    if spec.method == "exact":
-        return 1.0
-    return spec.weight if spec.method == "static" else None
+from ..methods import static_line_weight
 
 
 def _plot_methods(ax, methods: list[dict], x_key: str, y_key: str, with_ci: bool = False) -> None:
@@ -25,7 +17,7 @@ def _plot_methods(ax, methods: list[dict], x_key: str, y_key: str, with_ci: bool
     # tab20 and three markers: up to 60 methods stay distinguishable in one legend.
     colours = {m["method"]: (f"tab20:{i % 20}", "osD"[(i // 20) % 3]) for i, m in enumerate(methods)}
     points = [m for m in methods if m.get(x_key) is not None and m.get(y_key) is not None]
-    sweep = sorted((m for m in points if _static_weight(m["method"]) is not None), key=lambda m: _static_weight(m["method"]))
+    sweep = sorted((m for m in points if static_line_weight(m["method"]) is not None), key=lambda m: static_line_weight(m["method"]))
     if len(sweep) > 1:
         ax.plot([m[x_key] for m in sweep], [m[y_key] for m in sweep], "-", color="grey", alpha=0.5, label="static sweep")
     for m in points:

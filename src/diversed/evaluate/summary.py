@@ -10,15 +10,15 @@ import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..methods import AR
 from ..metrics import Metrics, ideal_speedup
 from ..tasks import Example, Task
 
-if TYPE_CHECKING:
-    from .run import EvalSettings
+from .settings import EvalSettings
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -52,12 +52,12 @@ def mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000)
     return float(low), float(high)
 
 
-def summarize(task: Task, examples: Sequence[Example], labels: Sequence[str], rows: Sequence[dict[str, Any]], settings: "EvalSettings") -> dict[str, Any]:
+def summarize(task: Task, examples: Sequence[Example], labels: Sequence[str], rows: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
     """Per-method quality (with 95% CI), pooled docs/method.md §6 metrics and speedup vs `ar`."""
     by_key = {(row["example_id"], row["method"]): row for row in rows}
     # Lockstep rows (evaluate/lockstep.py) have no timing: they take no part in speedups.
-    ar_seconds = {example.id: by_key[(example.id, "ar")]["metrics"]["seconds"] for example in examples
-                  if (example.id, "ar") in by_key and not by_key[(example.id, "ar")].get("lockstep")}
+    ar_seconds = {example.id: by_key[(example.id, AR)]["metrics"]["seconds"] for example in examples
+                  if (example.id, AR) in by_key and not by_key[(example.id, AR)].get("lockstep")}
     methods = []
     for label in labels:
         chosen = [(example, by_key[(example.id, label)]) for example in examples if (example.id, label) in by_key]

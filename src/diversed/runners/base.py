@@ -1,8 +1,11 @@
-"""The runner protocol every backend implements."""
+"""What every backend provides: a runner protocol, the facts of a loaded model, and the
+backend object that loads models and makes runners over them."""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
@@ -32,3 +35,75 @@ class ModelRunner(Protocol):
 
     def rollback(self, length: int) -> None:
         """Drop cached positions at and beyond `length` (no-op when the cache is shorter)."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the engine and the text layer need to know of a loaded model, whatever its backend."""
+
+    vocab_rows: int  # rows of the LM head (logits per position)
+    hidden_size: int
+    context_window: int
+    eos_token_ids: frozenset[int]
+    device: torch.device
+    weights: str  # what the step costs depend on: a torch dtype ("bfloat16") or "gguf"
+
+
+class Backend(ABC):
+    """One way of running models: how they load, what they are, and the runners over them.
+
+    A backend is one object in its runner module, named in the registry (runners/__init__.py);
+    everything above reaches models through it and never branches on its name. docs/backends.md
+    walks through adding one.
+    """
+
+    name: ClassVar[str]
+    #: True when `batch(model, vocab_size)` decodes a left-padded batch (lockstep evaluation,
+    #: training rollouts); such a backend also returns autograd-ready hidden states.
+    can_batch: ClassVar[bool] = False
+
+    @abstractmethod
+    def unavailable(self, target: str, draft: str | None, device: torch.device) -> str | None:
+        """Why this backend cannot run this pair here (one line), or None when it can."""
+
+    @abstractmethod
+    def load(self, spec: str, dtype: str, device: str) -> tuple[Any, Any, str]:
+        """(model, tokenizer, display name) for a model spec; one-line errors for what it cannot load."""
+
+    @abstractmethod
+    def facts(self, model: Any) -> ModelFacts:
+        """The facts of a model this backend loaded."""
+
+    @abstractmethod
+    def runner(self, model: Any, vocab_size: int) -> ModelRunner:
+        """A fresh runner (empty KV cache) over a model this backend loaded."""
+
+    @abstractmethod
+    def version(self) -> str:
+        """The library and version whose kernels run the models (step costs are cached per version)."""
+
+    @abstractmethod
+    def weights_label(self, dtype: str) -> str:
+        """What the models' weights will be for a requested torch dtype (the step-cost key)."""
+
+    def batch(self, model: Any, vocab_size: int) -> Any:
+        """A batched decoder over the model (only when `can_batch`)."""
+        raise NotImplementedError(f"the {self.name} backend does not decode batches")
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch: ids, mask (0 = padding), positions, each [B, L].
+
+    Positions count from each prompt's first real token, so padding changes nothing.
+    """
+    longest = max(len(ids) for ids in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L] (id 0 under the mask)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L]
+    for b, prompt_ids in enumerate(prompts):
+        ids[b, longest - len(prompt_ids) :] = torch.tensor(list(prompt_ids))
+        mask[b, longest - len(prompt_ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]
+    return ids.to(device), mask.to(device), positions.to(device)

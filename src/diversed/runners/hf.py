@@ -1,10 +1,18 @@
-"""The torch runner: a Hugging Face causal LM and its DynamicCache."""
+"""The torch backend: Hugging Face causal LMs, their DynamicCache, and batched decoding."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
 
 import torch
+
+from ..embedded import EMBEDDED, convert_embedded, load_gguf_tokenizer
+from ..errors import ModelLoadError, UserInputError, first_line
+from .base import Backend, ModelFacts
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_DTYPE = "bfloat16"
 
 
 class TorchRunner:
@@ -34,7 +42,6 @@ class TorchRunner:
         if self.length != before + ids.shape[1]:
             # A transformers version that does not take `cache=` drops it silently and every
             # step then runs without its context: refuse rather than decode wrongly.
-            from ..errors import ModelLoadError
             from transformers import __version__
 
             raise ModelLoadError(f"transformers {__version__} did not use the KV cache; diversed needs the pinned transformers (pyproject.toml)")
@@ -72,21 +79,6 @@ class TorchBatch:
         last = out.last_hidden_state[:, -1]  # [A, H]
         return self.lm_head(last)[:, : self.vocab_size].float(), last
 
-    @staticmethod
-    def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompts as one left-padded batch: ids, mask (0 = padding), positions, each [B, L].
-
-        Positions count from each prompt's first real token, so padding changes nothing.
-        """
-        longest = max(len(ids) for ids in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L] (id 0 under the mask)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long)  # [B, L]
-        for b, prompt_ids in enumerate(prompts):
-            ids[b, longest - len(prompt_ids) :] = torch.tensor(list(prompt_ids))
-            mask[b, longest - len(prompt_ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]
-        return ids.to(device), mask.to(device), positions.to(device)
-
     def keep(self, rows: torch.Tensor) -> None:
         """Keep the cached rows `rows` [A'], in that order (an index may repeat: the row is copied)."""
         self.cache.batch_select_indices(rows)
@@ -94,3 +86,95 @@ class TorchBatch:
     def repeat(self, repeats: int) -> None:
         """Copy every cached row `repeats` times, copies next to each other: [A] -> [A * repeats]."""
         self.cache.batch_repeat_interleave(repeats)
+
+
+def resolve_device(device: str) -> torch.device:
+    """A torch device the models can run on: "cpu", "cuda", "cuda:1", "mps"; a clear error otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserInputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"--device {device}: MPS is not available on this machine")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise UserInputError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+    return resolved
+
+
+def load_model(spec: str, dtype: str = DEFAULT_DTYPE, device: str = "cpu"):
+    """(model, tokenizer, name) from an embedded model name, a local dir, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading a cached model takes seconds; no bar needed
+    if dtype not in DTYPES:
+        raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    target_device = resolve_device(device)
+    kwargs: dict[str, Any] = {}
+    if spec in EMBEDDED:
+        location, name = str(convert_embedded(EMBEDDED[spec])), spec
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        location, name, kwargs = str(path.parent), path.stem, {"gguf_file": path.name}
+    else:
+        location, name = spec, Path(spec).name if Path(spec).is_dir() else spec
+    try:
+        tokenizer = load_gguf_tokenizer(Path(spec)) if spec.endswith(".gguf") else AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {spec!r}: {first_line(exc)}") from None
+    model.to(target_device).eval().requires_grad_(False)
+    return model, tokenizer, name
+
+
+class TorchBackend(Backend):
+    """transformers models in a torch dtype on any torch device; the one backend that batches."""
+
+    name: ClassVar[str] = "torch"
+    can_batch: ClassVar[bool] = True
+
+    def unavailable(self, target, draft, device):
+        return None  # every model spec loads through transformers
+
+    def load(self, spec, dtype, device):
+        return load_model(spec, dtype, device)
+
+    def facts(self, model):
+        eos: set[int] = set()
+        for source in (model.generation_config.eos_token_id, model.config.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(source)
+        weights = next(model.parameters())
+        return ModelFacts(
+            model.get_output_embeddings().out_features,
+            int(model.config.hidden_size),
+            int(getattr(model.config, "max_position_embeddings", 1 << 30)),
+            frozenset(eos),
+            weights.device,
+            str(weights.dtype).removeprefix("torch."),
+        )
+
+    def runner(self, model, vocab_size):
+        return TorchRunner(model, vocab_size)
+
+    def batch(self, model, vocab_size):
+        return TorchBatch(model, vocab_size)
+
+    def version(self):
+        return f"torch {torch.__version__}"
+
+    def weights_label(self, dtype):
+        return dtype
+
+
+TORCH = TorchBackend()

@@ -15,14 +15,15 @@ import os
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
+from ..embedded import EMBEDDED, gguf_path, load_gguf_tokenizer
 from ..errors import ModelLoadError, UserInputError
+from .base import Backend, ModelFacts
 
-BACKEND = "llama.cpp"
 DEFAULT_CONTEXT = 4096  # KV-cache positions per context (prompt + generation)
 
 
@@ -58,8 +59,6 @@ def _silence_llama_logs(llama_cpp: Any) -> None:
 
 class LlamaCppModel:
     """Weights of one GGUF model, loaded once; contexts are made on demand and pooled."""
-
-    backend = BACKEND
 
     def __init__(self, path: str | Path, n_ctx: int = DEFAULT_CONTEXT, threads: int | None = None):
         self.llama_cpp = llama_cpp = import_llama_cpp()
@@ -203,3 +202,51 @@ class LlamaCppRunner:
 def _release(model: LlamaCppModel, llama_cpp: Any, ctx: Any, batch: Any) -> None:
     llama_cpp.llama_batch_free(batch)
     model.give_back(ctx)
+
+
+def load_llamacpp_model(spec: str) -> tuple[LlamaCppModel, Any, str]:
+    """(LlamaCppModel, tokenizer, name); a one-line error without a GGUF."""
+    import_llama_cpp()  # fail first with the install hint
+    path = gguf_path(spec)
+    if path is None:
+        raise UserInputError(_no_gguf(spec))
+    name = spec if spec in EMBEDDED else path.stem
+    return LlamaCppModel(path), load_gguf_tokenizer(path), name
+
+
+def _no_gguf(spec: str) -> str:
+    return f"the llama.cpp backend needs a GGUF model; {spec!r} has none (give a .gguf file, or use --backend torch)"
+
+
+class LlamaCppBackend(Backend):
+    """GGUF models (their own quantization) through llama.cpp's C API, on the CPU."""
+
+    name: ClassVar[str] = "llama.cpp"
+
+    def unavailable(self, target, draft, device):
+        if device.type != "cpu":
+            return f"the llama.cpp backend runs on the CPU here; --device {device} needs --backend torch"
+        try:
+            import_llama_cpp()
+        except UserInputError as exc:
+            return str(exc)
+        return next((_no_gguf(spec) for spec in (target, draft) if spec is not None and gguf_path(spec) is None), None)
+
+    def load(self, spec, dtype, device):
+        return load_llamacpp_model(spec)  # the GGUF's own weights: no torch dtype applies
+
+    def facts(self, model):
+        return ModelFacts(model.vocab_size, model.hidden_size, model.context_window, frozenset(model.eos_token_ids),
+                          torch.device("cpu"), "gguf")
+
+    def runner(self, model, vocab_size):
+        return model.runner()
+
+    def version(self):
+        return f"llama-cpp-python {import_llama_cpp().__version__}"
+
+    def weights_label(self, dtype):
+        return "gguf"
+
+
+LLAMA_CPP = LlamaCppBackend()

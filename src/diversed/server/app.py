@@ -1,25 +1,19 @@
-"""The ASGI app serving one pair (`create_app`), and its Prometheus telemetry."""
+"""The ASGI app serving one pair (`create_app`): a `GenerationService` and its routes."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from ..errors import DiversedError, UserInputError
-from ..generation import Generation, MethodSpec, build_verifier, default_method, start_generation
-from ..engine import GenerationConfig
-from ..head import HeadMismatchError
+from ..errors import DiversedError
 from ..models import ModelPair
 from . import limits
-from .limits import ClientAborted, check_prompt_size, require_json
-from .scheduler import ClientDisconnected, Job, Scheduler, drain, unless_disconnected
-from .schemas import (CHAT, COMPLETIONS, ApiError, ServerSettings, Flavor, GenerationBody, as_api_error, parse_body, request_config,
-                      resolve_spec, sse, usage)
+from .api_errors import ApiError
+from .limits import ClientAborted, require_json
+from .scheduler import ClientDisconnected, Job, drain, unless_disconnected
+from .schemas import CHAT, COMPLETIONS, ServerSettings, Flavor, as_api_error, parse_body, sse, usage
+from .service import GenerationService, resolve_default_spec
+from .telemetry import ENDPOINTS, RequestMetricsMiddleware
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -28,91 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("diversed.server")
 
 MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context window; stops memory abuse early
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
-
-class Telemetry:
-    """Prometheus metrics in a registry of the app's own, so several apps can coexist."""
-
-    def __init__(self, scheduler: Scheduler):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = registry = CollectorRegistry()
-        by_method = ["method"]
-        self.requests = Counter("diversed_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
-        self.latency = Histogram(
-            "diversed_request_latency_seconds", "Request latency until the last byte, by endpoint", ["endpoint"], registry=registry,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-        )
-        self.queue_wait = Histogram(
-            "diversed_queue_wait_seconds", "Time a generation waited for the model", registry=registry,
-            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-        )
-        self.generation_seconds = Histogram(
-            "diversed_generation_seconds", "Time the model spent on one generation", by_method, registry=registry,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-        )
-        self.prompt_tokens = Counter("diversed_prompt_tokens", "Prompt tokens of started generations", by_method, registry=registry)
-        self.generated = Counter("diversed_generated_tokens", "Tokens generated", by_method, registry=registry)
-        self.drafted = Counter("diversed_drafted_tokens", "Draft tokens proposed (docs/method.md §6 drafted)", by_method, registry=registry)
-        self.accepted = Counter("diversed_accepted_tokens", "Draft tokens accepted (docs/method.md §6 accepted)", by_method, registry=registry)
-        self.rounds = Counter("diversed_rounds", "Target verification rounds (docs/method.md §6 rounds)", by_method, registry=registry)
-        in_flight = Gauge("diversed_requests_in_flight", "Generations running or waiting for the model", registry=registry)
-        in_flight.set_function(lambda: scheduler.in_flight)
-
-    def record_job(self, job: Job, method: str) -> None:
-        """Called on the worker thread when a generation ends, however it ended."""
-        metrics = job.generation.metrics
-        if job.started_at is not None:
-            self.queue_wait.observe(job.started_at - job.queued_at)
-        self.generation_seconds.labels(method).observe(metrics.seconds)
-        self.prompt_tokens.labels(method).inc(len(job.generation.prompt_ids))
-        self.generated.labels(method).inc(metrics.new_tokens)
-        self.drafted.labels(method).inc(metrics.drafted)
-        self.accepted.labels(method).inc(metrics.accepted)
-        self.rounds.labels(method).inc(metrics.rounds)
-
-    def record_request(self, path: str, status: int, seconds: float) -> None:
-        endpoint = path if path in ENDPOINTS else "other"  # bounded label values
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
-
-
-class _RequestMetricsMiddleware:
-    """Pure ASGI (unlike BaseHTTPMiddleware it leaves streaming and cancellation alone)."""
-
-    def __init__(self, app: Any, telemetry: Telemetry):
-        self.app = app
-        self.telemetry = telemetry
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500  # what the client sees if the app raises before responding
-        started = time.perf_counter()
-
-        async def capture(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            self.telemetry.record_request(scope["path"], status, time.perf_counter() - started)
-
-
-
-
-def resolve_default_spec(pair: ModelPair, settings: ServerSettings) -> MethodSpec:
-    """The configured method, else `default_method(pair)`; `ar` when no draft is loaded."""
-    spec = settings.default_spec
-    if spec is None:
-        spec = default_method(pair)[0] if pair.draft is not None else MethodSpec("ar")
-    if spec.method not in settings.allowed_methods:
-        raise UserInputError(f"the default method {spec.label} is not in --allowed-methods ({', '.join(settings.allowed_methods)}); pass --method")
-    return spec
+__all__ = ["create_app", "resolve_default_spec"]
 
 
 def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> FastAPI:
@@ -120,26 +31,28 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
 
-    default_spec = resolve_default_spec(pair, settings)
-    verifier_for = functools.lru_cache(maxsize=64)(functools.partial(build_verifier, pair))
-    verifier_for(default_spec)  # a bad or mismatched default head fails at startup, not per request
-    model_name = settings.model_name or pair.target_name
-    scheduler = Scheduler(settings.queue_size)
-    telemetry = Telemetry(scheduler)
-    preparers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diversed-prepare")  # bounded: tokenising is CPU work
+    service = GenerationService(pair, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        scheduler.shutdown()
-        preparers.shutdown(wait=False, cancel_futures=True)
+        service.close()
 
     app = FastAPI(title="diversed", summary="OpenAI-compatible relaxed speculative decoding", lifespan=lifespan)
-    app.add_middleware(_RequestMetricsMiddleware, telemetry=telemetry)
-    app.state.settings, app.state.default_spec, app.state.scheduler, app.state.telemetry = settings, default_spec, scheduler, telemetry
+    app.add_middleware(RequestMetricsMiddleware, telemetry=service.telemetry)
+    app.state.service = service
+    app.state.settings, app.state.default_spec, app.state.scheduler, app.state.telemetry = (
+        settings, service.default_spec, service.scheduler, service.telemetry)
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-style body with its status (ApiError)."""
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     def error_response(error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
@@ -166,104 +79,81 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
         log.info("client left while sending its body to %s", request.url.path)
         return Response(status_code=499)  # counted once as 499; nobody reads it
 
-    async def read_body(request: Request) -> bytes:
-        require_json(request)
-        return await limits.read_body(request, MAX_BODY_BYTES, settings.body_timeout)
 
-    def prepare(prompt: Any, spec: MethodSpec, config: GenerationConfig, raw: bool) -> Generation:
-        """Tokenisation, chat template and head loading: run on a preparation thread, off the loop."""
-        try:
-            verifier = verifier_for(spec)
-        except HeadMismatchError:
-            # The message would show the server's files: name the field instead.
-            raise ApiError(f"speculative.head {spec.head!r} was trained for another model pair", param="speculative.head") from None
-        return start_generation(pair, prompt, spec, config, raw=raw, verifier=verifier)
-
-    async def start_job(body: GenerationBody, flavor: Flavor) -> Job:
-        if body.model is not None and body.model != model_name:
-            shown = body.model if len(body.model) <= 100 else body.model[:100] + "…"  # never echo an unbounded name
-            raise ApiError(f"the model {shown!r} does not exist; this server serves {model_name!r}", status=404, param="model", code="model_not_found")
-        prompt, raw = flavor.prompt(body)
-        check_prompt_size(prompt, settings.max_prompt_bytes)
-        spec = resolve_spec(body.speculative, default_spec, settings)
-        config = request_config(body, settings)
-        generation = await asyncio.get_running_loop().run_in_executor(preparers, prepare, prompt, spec, config, raw)
-        return Job(scheduler, generation, settings.request_timeout, lambda job: telemetry.record_job(job, spec.method))
-
-    async def serve(request: Request, flavor: Flavor) -> Response:
-        body = parse_body(await read_body(request), flavor.body)
-        job = await start_job(body, flavor)
-        header = {"id": f"{flavor.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        handed_off = False  # once streaming, stream_events owns the job
-        try:
-            if body.stream:
-                # Wait for the first delta before answering, so that anything failing before
-                # the first token (queue wait, timeout, a prompt too long) gets a real status.
-                first = await unless_disconnected(request, job.next_delta())
-                handed_off = True
-                return StreamingResponse(stream_events(job, flavor, header, first), media_type="text/event-stream")
-            await unless_disconnected(request, drain(job))
-        except ClientDisconnected:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        finally:
-            if not handed_off:
-                job.close()
-        result = job.result
-        return JSONResponse({
-            **header, "object": flavor.object, "method": result.method,
-            "choices": [flavor.choice(result.text, result.finish_reason)],
-            "usage": usage(len(job.generation.prompt_ids), result.metrics),
-        })
-
-    async def stream_events(job: Job, flavor: Flavor, header: dict[str, Any], first: str | None) -> AsyncIterator[str]:
-        chunk = {**header, "object": flavor.chunk_object}
-        try:
-            if flavor.chat:
-                yield sse({**chunk, "choices": [flavor.delta("", role=True)]})
-            delta = first
-            while delta is not None:
-                yield sse({**chunk, "choices": [flavor.delta(delta)]})
-                delta = await job.next_delta()
-            result = job.result
-            yield sse({
-                **chunk, "method": result.method,
-                "choices": [flavor.delta(None, result.finish_reason)],
-                "usage": usage(len(job.generation.prompt_ids), result.metrics),
-            })
-        except Exception as exc:  # the status line is gone: report in-band, as OpenAI does
-            yield sse(as_api_error(exc).body())
-        finally:
-            job.close()  # also reached when the client disconnects mid-stream (cancellation)
-        yield sse("[DONE]")
+def _add_routes(app: FastAPI, service: GenerationService) -> None:
+    """The OpenAI-compatible endpoints, plus health and metrics."""
+    from fastapi.responses import JSONResponse, Response
 
     # Starlette-style routes: FastAPI would resolve the `Request` annotation in this module's
     # globals, where fastapi is deliberately not imported.
     async def completions(request: Request) -> Response:
-        return await serve(request, COMPLETIONS)
+        return await _generate(request, service, COMPLETIONS)
 
     async def chat_completions(request: Request) -> Response:
-        return await serve(request, CHAT)
+        return await _generate(request, service, CHAT)
 
     async def models(_: Request) -> Response:
-        entry = {
-            "id": model_name, "object": "model", "created": 0, "owned_by": "diversed",
-            "draft": pair.draft_name, "context_window": pair.context_window, "default_method": default_spec.label,
-        }
-        return JSONResponse({"object": "list", "data": [entry]})
+        return JSONResponse({"object": "list", "data": [service.model_entry()]})
 
     async def health(_: Request) -> Response:
-        return JSONResponse({
-            "status": "ok", "model": model_name, "draft": pair.draft_name, "default_method": default_spec.label,
-            "allowed_methods": list(settings.allowed_methods), "in_flight": scheduler.in_flight, "capacity": scheduler.capacity,
-        })
+        return JSONResponse(service.health())
 
     async def metrics(_: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(service.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
     for path, endpoint, method in zip(ENDPOINTS, (completions, chat_completions, models, health, metrics), ("POST", "POST", "GET", "GET", "GET")):
         app.add_route(path, endpoint, methods=[method])
-    return app
 
 
+async def _generate(request: Request, service: GenerationService, flavor: Flavor) -> Response:
+    """A completion or chat completion: a JSON answer, or an event stream."""
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    require_json(request)
+    body = parse_body(await limits.read_body(request, MAX_BODY_BYTES, service.settings.body_timeout), flavor.body)
+    job = await service.start_job(body, flavor)
+    header = service.response_header(flavor)
+    handed_off = False  # once streaming, _stream_events owns the job
+    try:
+        if body.stream:
+            # Wait for the first delta before answering, so that anything failing before
+            # the first token (queue wait, timeout, a prompt too long) gets a real status.
+            first = await unless_disconnected(request, job.next_delta())
+            handed_off = True
+            return StreamingResponse(_stream_events(job, flavor, header, first), media_type="text/event-stream")
+        await unless_disconnected(request, drain(job))
+    except ClientDisconnected:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    finally:
+        if not handed_off:
+            job.close()
+    result = job.result
+    return JSONResponse({
+        **header, "object": flavor.object, "method": result.method,
+        "choices": [flavor.choice(result.text, result.finish_reason)],
+        "usage": usage(len(job.generation.prompt_ids), result.metrics),
+    })
+
+
+async def _stream_events(job: Job, flavor: Flavor, header: dict[str, Any], first: str | None) -> AsyncIterator[str]:
+    chunk = {**header, "object": flavor.chunk_object}
+    try:
+        if flavor.chat:
+            yield sse({**chunk, "choices": [flavor.delta("", role=True)]})
+        delta = first
+        while delta is not None:
+            yield sse({**chunk, "choices": [flavor.delta(delta)]})
+            delta = await job.next_delta()
+        result = job.result
+        yield sse({
+            **chunk, "method": result.method,
+            "choices": [flavor.delta(None, result.finish_reason)],
+            "usage": usage(len(job.generation.prompt_ids), result.metrics),
+        })
+    except Exception as exc:  # the status line is gone: report in-band, as OpenAI does
+        yield sse(as_api_error(exc).body())
+    finally:
+        job.close()  # also reached when the client disconnects mid-stream (cancellation)
+    yield sse("[DONE]")

@@ -19,6 +19,8 @@ import resource
 import time
 from typing import TYPE_CHECKING, Any
 
+from .api_errors import ApiError
+
 if TYPE_CHECKING:
     from starlette.requests import Request
 
@@ -41,8 +43,6 @@ class ClientAborted(Exception):
 
 
 def api_error(message: str, status: int, code: str, param: str | None = None) -> Exception:
-    from .schemas import ApiError  # schemas imports this module
-
     return ApiError(message, status=status, code=code, param=param)
 
 

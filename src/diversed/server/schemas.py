@@ -18,10 +18,11 @@ from ..engine import GenerationConfig
 from ..errors import DiversedError, UserInputError
 from ..generation import MethodSpec, check_spec
 from ..head import shipped_head_names
-from ..methods import METHODS, knob_owners, spec_from_knobs
+from ..methods import METHODS, head_kind, knob_owners, spec_from_knobs
 from ..metrics import Metrics
 from ..sampling import SamplingParams
 from . import limits
+from .api_errors import ApiError
 from .limits import MAX_PROMPT_BYTES, finite
 
 log = logging.getLogger("diversed.server")
@@ -160,29 +161,6 @@ _UNSUPPORTED_FIELDS = {
 # --------------------------------------------------------------------------- errors
 
 
-class ApiError(Exception):
-    """An error with its HTTP status and OpenAI-style body {"error": {message, type, param, code}}."""
-
-    status = 400
-    type = "invalid_request_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, status: int | None = None, param: str | None = None, code: str | None = None, error_type: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status or self.status
-        self.param = param
-        self.code = code or self.code
-        self.type = error_type or self.type
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
 class QueueFullError(ApiError):
     status, type, code = 429, "rate_limit_error", "queue_full"
 
@@ -244,8 +222,8 @@ def resolve_spec(options: Any, default: MethodSpec, settings: ServerSettings) ->
     knobs = {name: getattr(options, name) for name in knob_owners()}
     if options.method is not None and options.method not in METHODS:
         raise ApiError(f"unknown speculative.method {options.method!r}; choose one of {', '.join(settings.allowed_methods)}", param="speculative.method")
-    if options.method == "diversed" and knobs["head"] is None and default.method == "diversed":
-        knobs["head"] = default.head
+    if options.method == default.method and knobs["head"] is None and head_kind(default.method) is not None:
+        knobs["head"] = default.head  # the same head method as the server's: its head unless another is named
     if knobs["head"] is not None and knobs["head"] not in _allowed_heads(default):
         raise ApiError(
             f"speculative.head {knobs['head']!r} is not available; this server offers: {', '.join(_allowed_heads(default)) or 'none'}",

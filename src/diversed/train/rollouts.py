@@ -15,9 +15,9 @@ import torch
 
 from ..head import EnsembleHead
 from ..models import ModelPair
-from ..runners.hf import TorchBatch
+from ..runners.base import left_pad
 from ..sampling import SamplingParams, logits_to_probs, sample, total_variation
-from ..verifiers import DynamicEnsemble
+from ..head import DynamicEnsemble
 
 
 @dataclass
@@ -76,13 +76,13 @@ def rollout_batch(
     model_device = pair.device
     eos = torch.tensor(sorted(pair.eos_token_ids), device=device)
     batch = len(prompts) * repeats
-    ids, mask, positions = TorchBatch.left_pad(prompts, model_device)  # [B, L] each
+    ids, mask, positions = left_pad(prompts, model_device)  # [B, L] each
 
     rows: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(batch)]  # per sample, per token
     ended = [False] * batch
     active = torch.arange(batch)  # [A] sample index of each batch row
     with torch.inference_mode():
-        target, draft = TorchBatch(pair.target, pair.vocab_size), TorchBatch(pair.draft, pair.vocab_size)
+        target, draft = pair.batch("target"), pair.batch("draft")
         target_logits, target_hidden = target.feed(ids, mask, positions)  # prefill: [B, V], [B, H_t]
         draft_logits, draft_hidden = draft.feed(ids, mask, positions)  # [B, V], [B, H_d]
         if repeats > 1:  # one prefill per prompt, copied to its samples

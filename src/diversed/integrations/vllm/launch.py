@@ -36,7 +36,7 @@ def require_vllm() -> str:
 
 def model_paths(target: str | None, draft: str | None) -> tuple[str, str]:
     """Local model directories vLLM can load: the embedded pair's bf16 copies unless given."""
-    from ...models import DEFAULT_DRAFT, DEFAULT_TARGET, EMBEDDED, convert_embedded
+    from ...embedded import DEFAULT_DRAFT, DEFAULT_TARGET, EMBEDDED, convert_embedded
 
     def path(name: str | None, default) -> str:
         if name is None or name in EMBEDDED:

@@ -73,7 +73,7 @@ def _hook_validation(default) -> None:
                 spec = requests.request_spec(params.extra_args, default)
                 if self.speculative_config is not None:
                     requests.check_usable(spec, params.temperature, draft_probs_available(self.speculative_config))
-                elif spec.method != "exact":
+                elif not requests.uses_vllm_rule(spec):
                     raise requests.RequestError(f"method {spec.label} needs speculative decoding: start vLLM with "
                                                 "--speculative-config", f"{requests.EXTRA_ARGS_KEY}.method")
             except requests.RequestError as exc:
@@ -125,7 +125,7 @@ def _request_verifier(state, default):
     if not hasattr(state, _VERIFIER_ATTRIBUTE):
         params = state.sampling_params
         spec = requests.request_spec(params.extra_args if params is not None else None, default)  # checked by the front end
-        setattr(state, _VERIFIER_ATTRIBUTE, None if spec.method == "exact" else requests.verifier_for(spec))
+        setattr(state, _VERIFIER_ATTRIBUTE, None if requests.uses_vllm_rule(spec) else requests.verifier_for(spec))
     return getattr(state, _VERIFIER_ATTRIBUTE)
 
 

@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import UserInputError
-from ...methods import METHODS, MethodSpec, make_verifier
+from ...methods import METHODS, VERIFIERS, MethodSpec, make_verifier
 from ...server.schemas import ApiError, ServerSettings, SpeculativeOptions, resolve_spec
-from ...verifiers import HEAD, HIDDEN_STATES, VERIFIERS, MixtureVerifier, Verifier
+from ...verifiers import HEAD, HIDDEN_STATES, Exact, MixtureVerifier, Verifier
 
 EXTRA_ARGS_KEY = "speculative"
 DEFAULT_METHOD_ENV = "DIVERSED_VLLM_METHOD"  # the server-wide default (`diversed serve --engine vllm --method`)
@@ -77,9 +77,14 @@ def request_spec(extra_args: dict[str, Any] | None, default: MethodSpec) -> Meth
         raise RequestError(exc.message, exc.param) from None
 
 
+def uses_vllm_rule(spec: MethodSpec) -> bool:
+    """Lossless verification against p is vLLM's own rejection sampler: nothing of ours runs."""
+    return VERIFIERS.get(spec.method) is Exact
+
+
 def check_usable(spec: MethodSpec, temperature: float, draft_probs_available: bool) -> None:
     """A relaxed method needs sampled drafts with their probabilities. RequestError if it cannot run."""
-    if spec.method == "exact":
+    if uses_vllm_rule(spec):
         return  # vLLM's own rule: it runs with any drafter and at any temperature
     if not draft_probs_available:
         raise RequestError(
