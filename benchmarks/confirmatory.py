@@ -28,7 +28,8 @@ from statistics import NormalDist
 from scipy import stats
 
 from diversed.evaluate import load_rows, mean_ci
-from static_line import acceptance, place, static_weight
+from diversed.methods import static_line_weight
+from static_line import acceptance, place
 
 FOLDER = Path(__file__).resolve().parents[1] / "docs" / "results" / "confirmatory"
 Z = NormalDist()
@@ -76,7 +77,7 @@ def rule_default(non_inferior: dict[str, dict[str, bool]], acceptances: dict[str
     else static:0.9 if it passes; else exact. `static_only` (prompt-lookup drafts) considers
     the static arms alone."""
     passing = [m for m, by_task in non_inferior.items() if tasks and all(by_task.get(t, False) for t in tasks)
-               and (not static_only or static_weight(m) is not None)]
+               and (not static_only or static_line_weight(m) is not None)]
     if passing:
         return max(passing, key=lambda m: sum(acceptances[m][t] for t in tasks) / len(tasks))
     return "static:0.9" if all(non_inferior.get("static:0.9", {}).get(t, False) for t in tasks) and tasks else "exact"
@@ -197,7 +198,7 @@ def planning(folders: list[str], plan: dict) -> None:
         task = json.loads((Path(folder) / "settings.json").read_text())["task"]
         n = plan["tasks"][task]["primary_n"]
         k2 = len(plan["relaxed"]) * len(plan["tasks"])
-        statics = {label: acceptance(rows) for label, rows in grouped.items() if static_weight(label) is not None and label in plan["static_line"]}
+        statics = {label: acceptance(rows) for label, rows in grouped.items() if static_line_weight(label) is not None and label in plan["static_line"]}
         if plan["h1_method"] in grouped:
             placed = place(grouped[plan["h1_method"]], grouped, statics)
             sd = one_sided_t(placed["differences"], 0)["sd"]

@@ -27,8 +27,8 @@ def test_generate_json(capsys, tiny_model_dirs):
     assert code == 0
     data = json.loads(out)
     assert set(data) >= {"text", "token_ids", "method", "metrics"}
-    assert data["method"] == "cascade:opt:0"
-    assert "no general-purpose ensemble head for this pair; using --method cascade --rule opt --alpha 0" in err
+    assert data["method"] == "exact"  # issue 23's rule (tests/test_default_rule.py)
+    assert "using --method exact, which is lossless" in err
     metrics = data["metrics"]
     for name in ("drafted", "accepted", "rounds", "acceptance_rate", "mean_accepted_length", "accepted_per_position",
                  "new_tokens", "seconds", "tokens_per_second", "estimated_bias"):

@@ -55,7 +55,8 @@ def test_default_method_uses_only_the_designated_head(tmp_path):
     pair = SimpleNamespace(signature=lambda: PAIR)
     other_pair = SimpleNamespace(signature=lambda: PairSignature("t", "other-draft", 6, 4, 100))
     assert default_method(pair, default_head=str(tmp_path / "general"))[0] == MethodSpec("diversed", head=str(tmp_path / "general"))
-    assert default_method(pair, default_head=None)[0] == MethodSpec("cascade", rule="opt", alpha=0.0)
-    assert default_method(other_pair, default_head=str(tmp_path / "general"))[0].method == "cascade"
-    # Prompt-lookup drafts are point masses: the cascade's rule would trust every one of them.
-    assert default_method(pair, default_head=None, proposer="ngram")[0] == MethodSpec("static", weight=0.9)
+    # Without a head, issue 23's written rule decides (tests/test_default_rule.py): exact until a
+    # relaxed method is shown non-inferior on every task.
+    assert default_method(pair, default_head=None)[0] == MethodSpec("exact")
+    assert default_method(other_pair, default_head=str(tmp_path / "general"))[0].method == "exact"
+    assert default_method(pair, default_head=None, proposer="ngram")[0] == MethodSpec("exact")

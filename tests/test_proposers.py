@@ -98,9 +98,9 @@ def test_cli_draft_ngram(tiny_model_dirs, tiny_pair, tmp_path):
     done = subprocess.run([*base, "--method", "exact", "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["token_ids"]) <= 16
-    # No --method: the default cascade rule would accept every point-mass draft, so the static weight is used.
+    # No --method: the proposer's default by issue 23's rule (exact until a static weight is shown non-inferior).
     default = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=300)
-    assert default.returncode == 0 and json.loads(default.stdout)["method"] == "static:0.9" and "point masses" in default.stderr
+    assert default.returncode == 0 and json.loads(default.stdout)["method"] == "exact" and "lossless" in default.stderr
     head = EnsembleHead(HeadConfig(tiny_pair.signature())).save(tmp_path / "h").with_suffix("")
     refused = subprocess.run([*base, "--method", "diversed", "--head", str(head)], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "ngram" in refused.stderr

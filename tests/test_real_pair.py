@@ -140,4 +140,4 @@ def test_shipped_heads_fit_the_default_pair_and_decode(pair_fp32):
         result = generate(pair_fp32, PROMPTS[1], MethodSpec("diversed", head=name), GenerationConfig(max_new_tokens=8, draft_length=5, seed=0))
         assert 0 < len(result.token_ids) <= 8 and result.metrics.drafted > 0
     # Task heads are opt-in: none is the default method until one helps across tasks (docs/heads.md).
-    assert default_method(pair_fp32)[0] == MethodSpec("cascade", rule="opt", alpha=0.0)
+    assert default_method(pair_fp32)[0] == MethodSpec("exact")  # issue 23's rule (tests/test_default_rule.py)

@@ -367,7 +367,7 @@ def test_create_app_around_any_pair(tiny_pair):
     from starlette.testclient import TestClient
 
     with TestClient(create_app(tiny_pair, ServerSettings())) as app, TestClient(create_app(tiny_pair, ServerSettings(max_tokens_limit=4))) as small:
-        assert app.get("/health").json()["default_method"] == "cascade:opt:0"  # no shipped head is a default
+        assert app.get("/health").json()["default_method"] == "exact"  # no shipped head is a default; issue 23's rule
         response = app.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 6, "temperature": 0})
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 6
         assert small.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 6}).status_code == 400

@@ -34,9 +34,8 @@ T = TypeVar("T")
 def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD, proposer: str = DRAFT_MODEL.name) -> tuple[MethodSpec, str]:
     """The method used when the user names none, and a sentence saying why.
 
-    Without a designated head, each proposer kind names its own default (proposers.py): with
-    a draft model, speculative cascades' OPT rule at alpha 0, the rule that kept quality inside
-    exact's interval on every measured task at the most acceptance (docs/results.md).
+    Without a designated head, each proposer kind names its own default (proposers.py), chosen
+    by issue 23's written rule from the confirmatory run (tests/test_default_rule.py).
     """
     from .head import HeadMismatchError
 

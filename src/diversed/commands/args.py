@@ -68,7 +68,7 @@ def pair_from_args(args: argparse.Namespace, needs_draft: bool = True) -> ModelP
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     """--method and one flag per knob of the method registry, shared by `generate` and `serve`."""
     group = parser.add_argument_group("verification method")
-    group.add_argument("--method", choices=METHODS, help="default: cascade:opt:0, or static w=0.9 with --draft ngram (no shipped head is a default; README)")
+    group.add_argument("--method", choices=METHODS, help="default: exact, by issue 23's written rule until a relaxed method is shown non-inferior (README)")
     for name, owners in knob_owners().items():
         knob = owners[0][1]
         choices = sorted({c for _, k in owners for c in k.choices or ()}) or None
