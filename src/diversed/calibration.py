@@ -70,7 +70,7 @@ def _key(backend: str, dtype: str, device: str, target: str, draft: str | None) 
     else:
         name, flags = cpu_description()
         where = f"{name}|{os.cpu_count()}|{','.join(flags)}|threads={torch.get_num_threads()}"
-    return "|".join([where, backend, _backend_version(backend), dtype if backend == "torch" else "gguf", target, draft or "-"])
+    return "|".join([where, backend, _backend_version(backend), dtype if backend != "llama.cpp" else "gguf", target, draft or "-"])
 
 
 def _read_cache() -> dict[str, Any]:
@@ -142,7 +142,7 @@ def calibrated_seconds(pair, dtype: str, device: str, max_tokens: int) -> dict[s
 
 
 def pair_dtype(pair) -> str:
-    if pair.backend != "torch":
+    if pair.backend == "llama.cpp":
         return "gguf"
     return str(next(pair.target.parameters()).dtype).removeprefix("torch.")
 
@@ -154,10 +154,24 @@ def step_costs(pair, max_draft_length: int, proposer: str = "model") -> StepCost
     return verify_costs_from_seconds(entry["target_step"], draft_step, entry["verify"][: max_draft_length + 1])
 
 
+def static_backend_on_cuda(device: str) -> tuple[str, str]:
+    """(backend, why) on a CUDA device: the static-cache runner with CUDA graphs when torch can
+    compile them here, else the eager torch runner, saying why."""
+    from .models import STATIC_BACKEND
+
+    try:
+        import triton  # noqa: F401  (inductor's CUDA code generator: no triton, no compiled graphs)
+    except ImportError as exc:
+        return "torch", f"auto: torch, eager (the {STATIC_BACKEND} runner needs triton to compile CUDA graphs: {exc})"
+    return STATIC_BACKEND, f"auto: {STATIC_BACKEND} on {device} (static KV cache, CUDA graphs)"
+
+
 def choose_backend(target: str, draft: str | None, dtype: str, device: str) -> tuple[str, str]:
     """(backend, why) for --backend auto."""
     from .models import gguf_path, load_pair, resolve_device
 
+    if resolve_device(device).type == "cuda":
+        return static_backend_on_cuda(device)
     if resolve_device(device).type != "cpu":
         return "torch", f"auto: torch on {device}"
     from .errors import UserInputError

@@ -26,7 +26,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="torch weights dtype (default: bfloat16)")
     group.add_argument("--device", default="cpu", help="where both models run: cpu, cuda, cuda:N, mps (default: cpu)")
     group.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="auto (default): the faster of torch and llama.cpp for this pair on this machine, measured once; torch on a GPU")
+                       help="auto (default): the faster of torch and llama.cpp for this pair on this machine, measured once; "
+                            "torch-static (static KV cache, CUDA graphs) on a GPU")
     group.add_argument("--verbose", "-v", action="store_true", help="say which backend and draft lengths were chosen, and why")
 
 

@@ -300,13 +300,20 @@ class ModelPair:
     backend: str = "torch"
     backend_reason: str = ""  # why this backend was chosen (--backend auto)
 
-    def runner(self, role: str = "target") -> ModelRunner:
-        """A fresh runner (empty KV cache) over the target or the draft."""
+    def runner(self, role: str = "target", max_block: int | None = None) -> ModelRunner:
+        """A fresh runner (empty KV cache) over the target or the draft.
+
+        `max_block`: the longest feed the static-cache runner pads to a captured shape (N_max + 1).
+        """
         model = self.target if role == "target" else self.draft
         if model is None:
             raise UserInputError("this operation needs a draft model")
         if self.backend == "llama.cpp":
             return model.runner()
+        if self.backend == STATIC_BACKEND:
+            from .runners.static_cache import DEFAULT_MAX_BLOCK, StaticCacheRunner
+
+            return StaticCacheRunner.for_model(model, self.vocab_size, max_block or DEFAULT_MAX_BLOCK)
         from .runners.hf import TorchRunner
 
         return TorchRunner(model, self.vocab_size)
@@ -323,7 +330,12 @@ class ModelPair:
 
     @property
     def context_window(self) -> int:
-        return model_facts(self.target).context_window
+        window = model_facts(self.target).context_window
+        if self.backend == STATIC_BACKEND:
+            from .runners.static_cache import DEFAULT_CONTEXT
+
+            return min(window, DEFAULT_CONTEXT)  # the static cache is preallocated to this
+        return window
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -361,7 +373,8 @@ def check_vocabularies(target_tokenizer: Any, draft_tokenizer: Any, target_name:
     )
 
 
-BACKENDS = ("auto", "torch", "llama.cpp")
+STATIC_BACKEND = "torch-static"  # torch with a static KV cache, CUDA graphs on a GPU (runners/static_cache.py)
+BACKENDS = ("auto", "torch", STATIC_BACKEND, "llama.cpp")
 
 
 def load_pair(
@@ -394,8 +407,25 @@ def load_pair(
     else:
         load = lambda spec: load_model(spec, dtype, device)  # noqa: E731
     target_model, tokenizer, target_name = load(target)
+    if backend == STATIC_BACKEND:
+        backend, reason = _static_or_fallback(target_model, target_name, reason)
     if draft is None:
         return ModelPair(target_model, None, tokenizer, target_name, None, backend, reason)
     draft_model, draft_tokenizer, draft_name = load(draft)
+    if backend == STATIC_BACKEND:
+        backend, reason = _static_or_fallback(draft_model, draft_name, reason)
     check_vocabularies(tokenizer, draft_tokenizer, target_name, draft_name)
     return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name, backend, reason)
+
+
+def _static_or_fallback(model: Any, name: str, reason: str) -> tuple[str, str]:
+    """(backend, why): the static-cache runner if it can run `model`; chosen by `auto`, else the
+    eager torch runner with the reason; asked for by name, a one-line error."""
+    from .runners.static_cache import unsupported_reason
+
+    why = unsupported_reason(model)
+    if why is None:
+        return STATIC_BACKEND, reason
+    if not reason.startswith("auto"):
+        raise UserInputError(f"--backend {STATIC_BACKEND} cannot run {name}: {why}; use --backend torch")
+    return "torch", f"auto: torch, eager (the static-cache runner cannot run {name}: {why})"

@@ -1,4 +1,4 @@
-"""The runner protocol every backend implements."""
+"""The runner protocol every backend implements, and how token ids reach a device."""
 
 from __future__ import annotations
 
@@ -32,3 +32,17 @@ class ModelRunner(Protocol):
 
     def rollback(self, length: int) -> None:
         """Drop cached positions at and beyond `length` (no-op when the cache is shorter)."""
+
+
+def token_tensor(tokens: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids as a 1-D long tensor on `device`, without making the host wait for a GPU.
+
+    A plain host-to-GPU copy synchronizes the host with the device; from pinned memory it is
+    queued like a kernel, so a round keeps its single sync (the accepted count).
+    """
+    if isinstance(tokens, torch.Tensor):
+        return tokens.reshape(-1).to(device=device, dtype=torch.long)
+    ids = torch.tensor(list(tokens), dtype=torch.long)
+    if device.type != "cuda":
+        return ids.to(device)
+    return ids.pin_memory().to(device, non_blocking=True)

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .base import token_tensor
+
 
 class TorchRunner:
     """A transformers causal LM, its KV cache and how many tokens that cache holds."""
@@ -28,7 +30,7 @@ class TorchRunner:
 
     def feed(self, tokens: Sequence[int] | torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> logits [num_logits, V] (float32), hidden [num_logits, H]."""
-        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(1, -1)  # [1, T]
+        ids = token_tensor(tokens, self.device).reshape(1, -1)  # [1, T]
         before = self.length
         hidden = self.body(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[0]  # [T, H]
         if self.length != before + ids.shape[1]:
