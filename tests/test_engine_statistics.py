@@ -40,17 +40,18 @@ PREFIX = [5, 6, 7]
 PARAMS = SamplingParams(temperature=1.0)
 
 
-def load_small_vocab_pair(root, device: str = "cpu"):
+def load_small_vocab_pair(root, device: str = "cpu", backend: str = "torch"):
     """An 11-token pair (6 letters + specials) whose distributions differ clearly."""
     kwargs = dict(alphabet="abcdef", hidden_size=16, layers=1, sharpness=3.0)
     target = build_tiny_model(root / "t", seed=3, **kwargs)
     draft = build_tiny_model(root / "d", seed=3, perturb=5.0, **kwargs)
-    return load_pair(str(target), str(draft), dtype="float32", device=device)
+    return load_pair(str(target), str(draft), dtype="float32", device=device, backend=backend)
 
 
-@pytest.fixture(scope="module")
-def small_vocab_pair(tmp_path_factory):
-    return load_small_vocab_pair(tmp_path_factory.mktemp("small-vocab"))
+# Both torch runners: the eager one (DynamicCache) and the static-cache one (`torch-static`).
+@pytest.fixture(scope="module", params=["torch", "torch-static"])
+def small_vocab_pair(request, tmp_path_factory):
+    return load_small_vocab_pair(tmp_path_factory.mktemp("small-vocab"), backend=request.param)
 
 
 def random_head(pair) -> EnsembleHead:

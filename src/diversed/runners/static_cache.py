@@ -83,7 +83,7 @@ class GraphedModel:
     few caches keeps the number of captured graphs small however many runners come and go.
     """
 
-    def __init__(self, model: Any, vocab_size: int, context: int = DEFAULT_CONTEXT, compile_mode: str | None = "auto"):
+    def __init__(self, model: Any, vocab_size: int, context: int = DEFAULT_CONTEXT, compile_mode: str = "auto"):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the static-cache runner cannot run this model: {reason}")
@@ -97,8 +97,10 @@ class GraphedModel:
         window = int(getattr(model.config, "max_position_embeddings", context))
         self.context = min(context, window)
         self.eager_mask = model.config._attn_implementation == "eager"
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if compile_mode == "auto":
-            compile_mode = "reduce-overhead" if self.device.type == "cuda" else None
+            compile_mode = "reduce-overhead" if self.device.type == "cuda" else "none"
         self.compile_mode = compile_mode
         self._blocks = _compiled(self._forward_block, compile_mode)
         self._pool: list[StaticKV] = []
@@ -141,7 +143,7 @@ class GraphedModel:
 
     def forward_block(self, ids: torch.Tensor, positions: torch.Tensor, kv: StaticKV) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            if self.compile_mode == "reduce-overhead":
+            if self.compile_mode in ("reduce-overhead", "cudagraphs"):
                 torch.compiler.cudagraph_mark_step_begin()  # earlier outputs were copied out: replay freely
             return self._blocks(ids, positions, kv)
 
@@ -152,13 +154,20 @@ class GraphedModel:
             return self._logits(hidden), hidden
 
 
-def _compiled(forward: Any, mode: str | None) -> Any:
-    """`forward` as run: eager (None), traced by dynamo without code generation ("trace", the CPU
-    tests' proof that the block forward is one graph), or compiled with `mode`."""
-    if mode is None:
+COMPILE_MODES = ("auto", "none", "reduce-overhead", "cudagraphs", "trace")
+
+
+def _compiled(forward: Any, mode: str) -> Any:
+    """`forward` as run: eager ("none"); inductor with CUDA graphs ("reduce-overhead", gpt-fast's
+    choice); CUDA graphs of the unfused kernels ("cudagraphs": no code generation, so capture
+    takes seconds, not minutes); or traced by dynamo alone ("trace": the CPU tests' proof that
+    the block forward is one graph)."""
+    if mode == "none":
         return forward
     if mode == "trace":
         return torch.compile(forward, backend="eager", fullgraph=True, dynamic=False)
+    if mode == "cudagraphs":
+        return torch.compile(forward, backend="cudagraphs", fullgraph=True, dynamic=False)
     return torch.compile(forward, mode=mode, fullgraph=True, dynamic=False)
 
 
@@ -166,12 +175,13 @@ _graphed: "weakref.WeakKeyDictionary[Any, GraphedModel]" = weakref.WeakKeyDictio
 _graphed_lock = threading.Lock()
 
 
-def graphed_model(model: Any, vocab_size: int) -> GraphedModel:
-    """The one GraphedModel of `model` (its compiled graphs and caches are shared by its runners)."""
+def graphed_model(model: Any, vocab_size: int, compile_mode: str = "auto") -> GraphedModel:
+    """The one GraphedModel of `model` (its compiled graphs and caches are shared by its runners);
+    `compile_mode` applies when it is made (the first call for a model)."""
     with _graphed_lock:
         graphed = _graphed.get(model)
         if graphed is None or graphed.vocab_size != vocab_size:
-            graphed = _graphed[model] = GraphedModel(model, vocab_size)
+            graphed = _graphed[model] = GraphedModel(model, vocab_size, compile_mode=compile_mode)
         return graphed
 
 
