@@ -139,8 +139,7 @@ def engine_run(pair: ModelPair, n: int | None, tokens: int) -> Metrics:
 
 
 def measure(pair: ModelPair, max_tokens: int, repeats: int) -> dict:
-    """Step costs of one pair on its runner; the first pass compiles and captures every shape."""
-    measure_seconds(pair, max_tokens, repeats=1)
+    """Step costs of one pair on its runner (graphs are captured in measure_seconds's warm-up)."""
     seconds = measure_seconds(pair, max_tokens, repeats=repeats)
     costs = verify_costs_from_seconds(seconds["target_step"], seconds["draft_step"], seconds["verify"])
     return dict(seconds=seconds, c=costs.c, v=list(costs.verify))
@@ -224,6 +223,7 @@ def measure_target(target_name: str, args, dtype, acceptances, out: dict) -> Non
         print(f"\nprojection, {runner} ({target_name}):")
         print_projection(entry[runner]["projection"])
     del target, draft
+    torch._dynamo.reset()  # compiled graphs hold the weights they captured
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()

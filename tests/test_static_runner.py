@@ -191,3 +191,20 @@ def test_auto_falls_back_to_the_eager_runner_with_a_reason(tiny_pair, monkeypatc
     assert backend == "torch" and "sliding_attention" in reason and "\n" not in reason
     with pytest.raises(UserInputError, match="--backend torch"):
         _static_or_fallback(model, "tiny", f"--backend {STATIC_BACKEND}")
+
+
+def test_the_graphed_model_registry_does_not_keep_a_model_alive(tiny_model_dirs):
+    """Benchmarks load one large model after another: a dropped model must free its weights."""
+    import gc
+    import weakref
+
+    from diversed.runners.static_cache import graphed_model
+
+    pair = load_pair(str(tiny_model_dirs[0]), None, dtype="float32", with_draft=False, backend=STATIC_BACKEND)
+    runner = pair.runner("target")
+    runner.feed([5, 6, 7], 1)
+    assert graphed_model(pair.target, pair.vocab_size) is runner.graphed  # one per model, shared by its runners
+    alive = weakref.ref(pair.target)
+    del pair, runner
+    gc.collect()
+    assert alive() is None

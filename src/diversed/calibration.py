@@ -114,8 +114,11 @@ def measure_seconds(pair, max_tokens: int, repeats: int = REPEATS) -> dict[str, 
     draft = pair.runner("draft") if pair.draft is not None else None
     if draft is not None:
         draft.feed(prefix, 0)
-    for runner in (target, draft) if draft is not None else (target,):
-        once(runner, 1)  # warm-up: first-call allocations are not a step's cost
+    # Warm-up: first-call allocations, and a static runner's graph captures, are not a step's cost.
+    for k in range(1, max_tokens + 1):
+        once(target, k)
+    if draft is not None:
+        once(draft, 1)
     samples: list[list[float]] = [[] for _ in range(max_tokens + 1)]  # per k, and the draft step last
     for _ in range(repeats):
         for k in range(1, max_tokens + 1):

@@ -87,7 +87,8 @@ class GraphedModel:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the static-cache runner cannot run this model: {reason}")
-        self.model = model
+        # No reference to `model` itself: the registry below holds this object weakly keyed by it.
+        self.config = model.config
         self.body = model.base_model  # the decoder stack without the LM head
         self.lm_head = model.get_output_embeddings()
         self.vocab_size = vocab_size
@@ -114,7 +115,7 @@ class GraphedModel:
                 if kv.capacity == capacity:
                     return self._pool.pop(i)
         with torch.no_grad():
-            return StaticKV(self.model.config, capacity, self.dtype, self.device)
+            return StaticKV(self.config, capacity, self.dtype, self.device)
 
     def give_back(self, kv: StaticKV) -> None:
         with self._lock:
@@ -164,6 +165,9 @@ def _compiled(forward: Any, mode: str) -> Any:
     the block forward is one graph)."""
     if mode == "none":
         return forward
+    # Every model's block forward is one code object to dynamo, and each (model, block size)
+    # is an entry of its cache: a draft and a target, each with three blocks, pass the default limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if mode == "trace":
         return torch.compile(forward, backend="eager", fullgraph=True, dynamic=False)
     if mode == "cudagraphs":
