@@ -48,7 +48,7 @@ from diversed.sampling import SamplingParams
 from diversed.verifiers import Exact
 
 REPO = Path(__file__).resolve().parents[1]
-RUNNERS = ("torch", STATIC_BACKEND)
+RUNNERS = (STATIC_BACKEND, "torch")  # graphed first: the eager projections are also put against graphed ar
 # Architectures (their config.json, less the weights). Qwen2.5-7B/14B/32B: the base models'.
 QWEN_CODER = dict(num_key_value_heads=2, vocab_size=151936)
 QWEN_LARGE = dict(vocab_size=152064)
@@ -191,39 +191,44 @@ def environment(device: str) -> dict:
                 python=platform.python_version())
 
 
-def measure_target(target_name: str, args, dtype, acceptances, out: dict) -> None:
-    """Both runners on one target (with its draft); results go into `out` as they come."""
-    draft_name = DRAFT_OF.get(target_name, DEFAULT_DRAFT)
+ENGINE_DRAFT_LENGTHS = (1, 4, 8)
+
+
+def engine_runs(pair: ModelPair, tokens: int, max_draft_length: int) -> dict[str, Metrics]:
+    engine_run(pair, None, 8)  # warm-up
+    runs = {"ar": engine_run(pair, None, tokens)}
+    for n in ENGINE_DRAFT_LENGTHS:
+        if n <= max_draft_length:
+            engine_run(pair, n, 8)  # captures the shapes this N uses
+            runs[f"exact@{n}"] = engine_run(pair, n, tokens)
+    return runs
+
+
+def measure_target(target_name: str, draft, args, dtype, acceptances, entry: dict, save) -> None:
+    """Each runner on one target with `draft`; `entry` is filled and `save`d as results come."""
     started = time.perf_counter()
-    target, draft = random_model(target_name, args.device, dtype), random_model(draft_name, args.device, dtype)
-    print(f"\n## {target_name} target, {draft_name} draft (random weights, built in {time.perf_counter() - started:.1f} s)")
-    entry = out.setdefault(target_name, {"draft": draft_name, "compile_mode": args.compile_mode})
+    target = random_model(target_name, args.device, dtype)
+    print(f"\n## {target_name} target, {entry['draft']} draft (random weights, built in {time.perf_counter() - started:.1f} s)", flush=True)
     vocab_size = min(model.get_output_embeddings().out_features for model in (target, draft))
     for model in (target, draft):
         graphed_model(model, vocab_size, args.compile_mode)  # the static runners' compile mode
     for runner in args.runners.split(","):
-        pair = ModelPair(target, draft, None, f"{target_name} (random)", f"{draft_name} (random)", runner)
+        pair = ModelPair(target, draft, None, f"{target_name} (random)", f"{entry['draft']} (random)", runner)
         started = time.perf_counter()
-        result = measure(pair, args.max_draft_length + 1, args.repeats)
-        result["measure_seconds"] = time.perf_counter() - started
-        entry[runner] = result
+        result = entry[runner] = measure(pair, args.max_draft_length + 1, args.repeats)
+        result["measure_seconds"] = time.perf_counter() - started  # graph captures included
         print_costs(target_name, runner, result)
         if target_name in (PAIR_TARGET, "tiny") and args.tokens:
-            engine_run(pair, None, 8)  # warm-up
-            runs = {"ar": engine_run(pair, None, args.tokens)}
-            for n in (1, 3, 5, 8):
-                if n <= args.max_draft_length:
-                    runs[f"exact@{n}"] = engine_run(pair, n, args.tokens)
+            runs = engine_runs(pair, args.tokens, args.max_draft_length)
             print_engine_runs(runs)
             result["engine"] = {label: m.to_dict() for label, m in runs.items()}
-        del pair
-    graphed_ar = entry.get(STATIC_BACKEND, entry.get("torch"))["seconds"]["target_step"]
-    for runner in args.runners.split(","):
-        entry[runner]["projection"] = project(entry[runner], graphed_ar, acceptances, args.max_draft_length)
+        graphed_ar = entry.get(STATIC_BACKEND, result)["seconds"]["target_step"]
+        result["projection"] = project(result, graphed_ar, acceptances, args.max_draft_length)
         print(f"\nprojection, {runner} ({target_name}):")
-        print_projection(entry[runner]["projection"])
-    del target, draft
-    torch._dynamo.reset()  # compiled graphs hold the weights they captured
+        print_projection(result["projection"])
+        save()
+        del pair
+    del target
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -240,7 +245,7 @@ def main() -> int:
                         help="how the static-cache runner compiles its block forward (auto: reduce-overhead on CUDA)")
     parser.add_argument("--max-draft-length", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per timed engine run (the pair only; 0: none)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per timed engine run (the pair only; 0: none)")
     parser.add_argument("--budget-seconds", type=float, default=float("inf"), help="start no new target after this")
     parser.add_argument("--json", help="write the results here (rewritten after each target)")
     args = parser.parse_args()
@@ -248,15 +253,24 @@ def main() -> int:
     started = time.perf_counter()
     acceptances = cpu_acceptances(REPO)
     out: dict = {"environment": environment(args.device), "acceptance_sources": list(SUMMARIES), "targets": {}}
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in out["environment"].items()))
-    for target_name in args.targets.split(","):
-        if time.perf_counter() - started > args.budget_seconds:
-            print(f"\n(skipped {target_name}: past the {args.budget_seconds:.0f} s budget)")
-            out["targets"][target_name] = {"skipped": "time budget"}
-            continue
-        measure_target(target_name, args, dtype, acceptances, out["targets"])
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in out["environment"].items()), flush=True)
+    drafts: dict = {}  # one draft model per architecture, shared by its targets (and its captured graphs)
+
+    def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
+
+    for target_name in args.targets.split(","):
+        if time.perf_counter() - started > args.budget_seconds:
+            print(f"\n(skipped {target_name}: past the {args.budget_seconds:.0f} s budget)", flush=True)
+            out["targets"][target_name] = {"skipped": "time budget"}
+            continue
+        draft_name = DRAFT_OF.get(target_name, DEFAULT_DRAFT)
+        if draft_name not in drafts:
+            drafts[draft_name] = random_model(draft_name, args.device, dtype)
+        entry = out["targets"][target_name] = {"draft": draft_name, "compile_mode": args.compile_mode}
+        measure_target(target_name, drafts[draft_name], args, dtype, acceptances, entry, save)
+        save()
     return 0
 
 

@@ -7,6 +7,10 @@ One round:
    from its residual, and if all N are accepted a *bonus* token is drawn from p_{N+1};
 4. both caches are rolled back to the committed tokens.
 
+Steps 1-3 stay on the models' device: the round reads what it decided (the accepted count,
+the next token, the bias, the drafted tokens) in one host read, so a GPU is waited for once
+per round (docs/performance.md, "On a GPU").
+
 N = 0 is a plain target step. N comes from a draft-length policy (fixed, or `auto`:
 `draft_length.py`) that sees only earlier rounds.
 
