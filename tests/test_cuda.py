@@ -21,7 +21,6 @@ from diversed.metrics import Metrics
 from diversed.proposers import ModelProposer
 from diversed.runners.hf import TorchRunner
 from diversed.runners.static_cache import StaticCacheRunner
-from diversed.verifiers import StaticEnsemble
 
 from diversed.cli import main
 from diversed.engine import GenerationConfig
@@ -32,7 +31,7 @@ from diversed.sampling import SamplingParams
 
 from .test_cli import tiny_args
 from .test_engine import hf_greedy
-from .test_static_runner import exercise
+from .test_static_runner import ROUND_VERIFIERS, exercise
 from .test_engine_statistics import (
     ROUNDS,
     VERIFIERS,
@@ -77,10 +76,13 @@ def test_graphed_runner_equals_the_eager_runner_on_cuda(cuda_pair, role):
         exercise(TorchRunner(model, cuda_pair.vocab_size), cuda_pair.runner(role))
 
 
-def test_a_round_synchronizes_once_on_cuda(cuda_pair):
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("name", ["exact", "static", "diversed", "cascade"])
+def test_a_round_synchronizes_once_on_cuda(cuda_pair, name, temperature):
     """torch's sync debug mode warns at every host-device synchronization: one per round."""
     target, draft = cuda_pair.runner("target"), cuda_pair.runner("draft")
-    proposer, verifier = ModelProposer(draft, cuda_pair.vocab_size), StaticEnsemble(0.7)
+    proposer, verifier = ModelProposer(draft, cuda_pair.vocab_size), ROUND_VERIFIERS[name](cuda_pair)
+    params = SamplingParams(temperature=temperature)
     committed, metrics, rounds = list(range(5, 25)), Metrics(), 20
     generator = torch.Generator(device="cuda").manual_seed(0)
     with torch.inference_mode():
@@ -90,14 +92,14 @@ def test_a_round_synchronizes_once_on_cuda(cuda_pair):
                 runner.rollback(0)
         target.feed(committed[:-1], 0)
         for _ in range(3):
-            committed += speculative_round(target, proposer, verifier, committed, 4, SamplingParams(), generator, metrics).tokens
+            committed += speculative_round(target, proposer, verifier, committed, 4, params, generator, metrics).tokens
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 for _ in range(rounds):
-                    committed += speculative_round(target, proposer, verifier, committed, 4, SamplingParams(), generator, metrics).tokens
+                    committed += speculative_round(target, proposer, verifier, committed, 4, params, generator, metrics).tokens
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
