@@ -135,3 +135,35 @@ def test_static_line_places_a_method_between_two_weights_and_pairs_by_example(tm
 
     missing = subprocess.run([*command[:-1], "diversed:other"], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no rows for 'diversed:other'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_gpu_costs_measures_both_torch_runners_on_a_tiny_cpu_config(tmp_path):
+    """benchmarks/gpu_costs.py's smoke test: what a GPU session runs, on a CPU with a tiny pair."""
+    out = tmp_path / "costs.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "gpu_costs.py"), "--device", "cpu", "--targets", "tiny", "--dtype", "float32",
+        "--repeats", "2", "--tokens", "8", "--json", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["transformers"] and result["environment"]["torch"]
+    entry = result["targets"]["tiny"]
+    for runner in ("torch", "torch-static"):
+        costs = entry[runner]
+        assert len(costs["v"]) == 9 and costs["v"][0] == 1.0 and costs["c"] > 0
+        assert set(costs["engine"]) == {"ar", "exact@1", "exact@4", "exact@8"}
+        rows = costs["projection"]
+        methods = {row["method"] for row in rows}
+        assert {"exact", "static:0.9", "cascade:opt:0"} <= methods and any(m.startswith("diversed:") for m in methods)
+        for row in rows:
+            a, n = row["a"], row["policy_n"]
+            # The i.i.d. acceptance reproduces the summary's accepted fraction at its N.
+            assert sum(a ** i for i in range(1, row["n"] + 1)) / row["n"] == pytest.approx(row["rate"], abs=1e-6)
+            assert 0 <= n <= 8
+            expected = 1.0 if n == 0 else (1 - a ** (n + 1)) / ((1 - a) * (n * costs["c"] + costs["v"][n]))
+            assert row["speedup"] == pytest.approx(expected)
+            assert row["tokens_per_second"] == pytest.approx(expected / costs["seconds"]["target_step"])
+            graphed_ar = entry["torch-static"]["seconds"]["target_step"]
+            assert row["speedup_over_graphed_ar"] == pytest.approx(row["tokens_per_second"] * graphed_ar)
+    assert f"| {rows[0]['source']} | exact |" in done.stdout  # the table names where each acceptance came from

@@ -40,17 +40,34 @@ PREFIX = [5, 6, 7]
 PARAMS = SamplingParams(temperature=1.0)
 
 
-def load_small_vocab_pair(root, device: str = "cpu"):
+def load_small_vocab_pair(root, device: str = "cpu", backend: str = "torch"):
     """An 11-token pair (6 letters + specials) whose distributions differ clearly."""
     kwargs = dict(alphabet="abcdef", hidden_size=16, layers=1, sharpness=3.0)
     target = build_tiny_model(root / "t", seed=3, **kwargs)
     draft = build_tiny_model(root / "d", seed=3, perturb=5.0, **kwargs)
-    return load_pair(str(target), str(draft), dtype="float32", device=device)
+    return load_pair(str(target), str(draft), dtype="float32", device=device, backend=backend)
+
+
+# The law tests run on both torch runners: the eager one (DynamicCache) and the static-cache one.
+BACKENDS = ("torch", "torch-static")
 
 
 @pytest.fixture(scope="module")
-def small_vocab_pair(tmp_path_factory):
-    return load_small_vocab_pair(tmp_path_factory.mktemp("small-vocab"))
+def small_vocab_pairs(tmp_path_factory):
+    """backend -> the small-vocabulary pair on it (loaded on first use)."""
+    pairs = {}
+
+    def on(backend: str):
+        if backend not in pairs:
+            pairs[backend] = load_small_vocab_pair(tmp_path_factory.mktemp("small-vocab"), backend=backend)
+        return pairs[backend]
+
+    return on
+
+
+@pytest.fixture(scope="module")
+def small_vocab_pair(small_vocab_pairs):
+    return small_vocab_pairs("torch")
 
 
 def random_head(pair) -> EnsembleHead:
@@ -160,8 +177,19 @@ VERIFIERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(VERIFIERS))
-def test_engine_matches_theory(small_vocab_pair, name):
+# On the static runner the CI suite checks a lossless and a hidden-state verifier (the runner
+# is the same for all: they differ only after it); every verifier runs with `-m slow`.
+CI_ON_STATIC = {"exact", "diversed"}
+LAW_CASES = [
+    pytest.param(name, backend, id=f"{name}-{backend}",
+                 marks=pytest.mark.slow if backend != "torch" and name not in CI_ON_STATIC else ())
+    for name in sorted(VERIFIERS) for backend in BACKENDS
+]
+
+
+@pytest.mark.parametrize("name, backend", LAW_CASES)
+def test_engine_matches_theory(small_vocab_pairs, name, backend):
+    small_vocab_pair = small_vocab_pairs(backend)
     verifier = VERIFIERS[name](small_vocab_pair)
     expected, k_probs = theory(small_vocab_pair, verifier)
     assert abs(sum(expected.values()) - 1) < 1e-6
@@ -184,7 +212,9 @@ def test_early_draft_stop_keeps_the_guarantee(small_vocab_pair):
     assert metrics.drafted < 2 * ROUNDS
 
 
-def test_the_statistical_test_catches_a_wrong_verifier(small_vocab_pair):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_statistical_test_catches_a_wrong_verifier(small_vocab_pairs, backend):
+    small_vocab_pair = small_vocab_pairs(backend)
     wrong = WrongResidual()
     # Theory of what the engine *should* emit for lossless verification (Exact), engine run with the bug.
     expected, _ = theory(small_vocab_pair, Exact())

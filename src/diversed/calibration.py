@@ -106,8 +106,11 @@ def measure_seconds(pair, max_tokens: int, repeats: int = REPEATS) -> dict[str, 
     draft = pair.runner("draft") if pair.draft is not None else None
     if draft is not None:
         draft.feed(prefix, 0)
-    for runner in (target, draft) if draft is not None else (target,):
-        once(runner, 1)  # warm-up: first-call allocations are not a step's cost
+    # Warm-up: first-call allocations, and a static runner's graph captures, are not a step's cost.
+    for k in range(1, max_tokens + 1):
+        once(target, k)
+    if draft is not None:
+        once(draft, 1)
     samples: list[list[float]] = [[] for _ in range(max_tokens + 1)]  # per k, and the draft step last
     for _ in range(repeats):
         for k in range(1, max_tokens + 1):
@@ -159,6 +162,8 @@ def choose_backend(target: str | None, draft: str | None, dtype: str | None, dev
     where = resolve_device(device)
     usable, refused = [], []
     for backend in BACKENDS.values():
+        if not backend.offered_by_auto(where):
+            continue
         problem = backend.unavailable(target, draft, where)
         if problem is None and dtype is not None and backend.weights_label(dtype) != dtype:
             problem = f"--dtype {dtype} does not apply to the {backend.name} backend's weights"

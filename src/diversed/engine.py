@@ -7,6 +7,10 @@ One round:
    from its residual, and if all N are accepted a *bonus* token is drawn from p_{N+1};
 4. both caches are rolled back to the committed tokens.
 
+Steps 1-3 stay on the models' device: the round reads what it decided (the accepted count,
+the next token, the bias, the drafted tokens) in one host read, so a GPU is waited for once
+per round (docs/performance.md, "On a GPU").
+
 N = 0 is a plain target step. N comes from a draft-length policy (fixed, or `auto`:
 `draft_length.py`) that sees only earlier rounds.
 
@@ -31,6 +35,7 @@ from .errors import UserInputError
 from .metrics import Metrics
 from .proposers import Proposer, get_proposer, point_masses
 from .runners import ModelRunner
+from .runners.base import token_tensor
 from .sampling import SamplingParams, choose, logits_to_probs, sample, total_variation
 from .verifiers import Exact, Verifier
 
@@ -93,10 +98,11 @@ def verify_block(
     draft_hidden: torch.Tensor | None,
     params: SamplingParams,
     generator: torch.Generator | None,
-) -> tuple[int, int, float]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Verify n drafted tokens. p: [n+1, V] (last row for the bonus), q: [n, V], drafted: [n].
 
-    -> (number accepted k, the recovered or bonus token, estimated bias over emitted positions).
+    -> 0-dim tensors on p's device, never read here (the round reads them once): the number
+    accepted k, the recovered or bonus token, and the estimated bias over emitted positions.
     """
     n = drafted.shape[0]
     p_block = p[:n]  # [n, V]
@@ -110,17 +116,18 @@ def verify_block(
     else:
         accept_drafted = tables.acceptance.gather(-1, drafted.unsqueeze(-1)).squeeze(-1)  # [n]
         accepted = torch.rand(n, generator=generator, device=p.device) < accept_drafted  # [n] bool
-    rejected = (~accepted).nonzero()
-    k = int(rejected[0]) if rejected.numel() else n
-    if k < n:
-        if params.greedy:
-            next_token = int(verifier.greedy_recovery(p_block, q, ctx)[k])
-        else:
-            next_token = int(sample(tables.residual[k], generator))  # recovered token
+    k = accepted.long().cumprod(0).sum()  # []: the accepted prefix
+    rejected = k < n  # []: a recovered token ends the round, else a bonus token from p_{N+1}
+    row = k.clamp_max(n - 1).reshape(1)  # [1]: the first rejected position (if any)
+    # One draw from the row the outcome needs, chosen on the device: the same single uniform
+    # the recovered or the bonus token would take, so seeded outputs do not change.
+    if params.greedy:
+        recovered = verifier.greedy_recovery(p_block, q, ctx).index_select(0, row)[0]
+        next_token = torch.where(rejected, recovered, p[n].argmax(-1))
     else:
-        next_token = int(choose(p[n], params, generator))  # bonus token from p_{N+1}
-    m = min(k + 1, n)  # emitted positions: the accepted ones and the recovered one
-    bias = float(total_variation(tables.emitted[:m], p_block[:m]).sum())
+        next_token = sample(torch.where(rejected, tables.residual.index_select(0, row)[0], p[n]), generator)
+    emitted = torch.arange(n, device=p.device) <= k  # [n]: the accepted positions and the recovered one
+    bias = (total_variation(tables.emitted, p_block) * emitted).sum()
     return k, next_token, bias
 
 
@@ -150,18 +157,22 @@ def speculative_round(
     drafted_at = time.perf_counter()
     clock.draft += drafted_at - started
     n = len(proposal)
-    drafted = proposal.tokens  # [n]
-    block = committed[target.length :] + drafted.tolist()  # [pending] + x_1..x_n
-    logits, target_hidden = target.feed(block, n + 1)  # [n+1, V], [n+1, H_t] | None
+    drafted = proposal.tokens  # [n], on the device
+    pending = token_tensor(committed[target.length :], target.device)  # the pending token
+    logits, target_hidden = target.feed(torch.cat([pending, drafted.to(target.device)]), n + 1)  # [n+1, V], [n+1, H_t] | None
     clock.target += time.perf_counter() - drafted_at
     p = logits_to_probs(logits, params)  # [n+1, V]
     if n == 0:  # nothing drafted (prompt lookup found no match): a plain target step
-        k, next_token, bias = 0, int(choose(p[0], params, generator)), 0.0
+        k, next_token, bias = p.new_zeros((), dtype=torch.long), choose(p[0], params, generator), p.new_zeros(())
     else:
         q = proposal.probs if proposal.probs is not None else point_masses(drafted, p.shape[-1]).to(p.device)  # [n, V]
-        k, next_token, bias = verify_block(verifier, p, q, drafted, target_hidden, proposal.hidden, params, generator)
-    tokens = drafted[:k].tolist() + [next_token]
-    metrics.record_round(drafted=n, accepted=k, bias=bias)
+        k, next_token, bias = verify_block(verifier, p, q, drafted.to(p.device), target_hidden, proposal.hidden, params, generator)
+    # The round's one host sync: everything it decided, read together (ids are exact in float64).
+    summary = torch.cat([torch.stack([k, next_token]).double(), bias.double().reshape(1), drafted.to(p.device).double()])
+    k_host, token_host, bias_host, *drafted_host = summary.tolist()
+    k = int(k_host)
+    tokens = [int(t) for t in drafted_host[:k]] + [int(token_host)]
+    metrics.record_round(drafted=n, accepted=k, bias=bias_host)
     new_length = len(committed) + len(tokens) - 1  # everything but the new pending token
     target.rollback(new_length)
     proposer.rollback(new_length)

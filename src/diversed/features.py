@@ -62,16 +62,18 @@ def regression_inputs(features: dict[str, torch.Tensor], names: tuple[str, ...] 
     return torch.stack(columns, dim=-1)
 
 
-@functools.lru_cache(maxsize=8)  # a judge projects every round; the matrix never changes (read it, never write it)
-def projection(hidden_size: int) -> torch.Tensor:
+# A judge projects every round; the matrix never changes (read it, never write it), and is kept
+# on each device it is used on, so a round on a GPU does not copy it there (a host sync).
+@functools.lru_cache(maxsize=8)
+def projection(hidden_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The fixed projection of one model's hidden states. -> [H, PROJECTION_DIMS], seeded by H."""
     generator = torch.Generator().manual_seed(PROJECTION_SEED * 100_003 + hidden_size)
-    return torch.randn(hidden_size, PROJECTION_DIMS, generator=generator) / hidden_size**0.5
+    return (torch.randn(hidden_size, PROJECTION_DIMS, generator=generator) / hidden_size**0.5).to(device)
 
 
 def hidden_projections(target_hidden: torch.Tensor, draft_hidden: torch.Tensor) -> torch.Tensor:
     """Both models' projected states, target first. [T, H_t], [T, H_d] -> [T, 2 * PROJECTION_DIMS]."""
-    project = lambda hidden: hidden.float() @ projection(hidden.shape[-1]).to(hidden.device)  # noqa: E731
+    project = lambda hidden: hidden.float() @ projection(hidden.shape[-1], hidden.device)  # noqa: E731
     return torch.cat([project(target_hidden), project(draft_hidden)], dim=-1)
 
 

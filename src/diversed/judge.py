@@ -19,6 +19,8 @@ refuses another), the projection it read, and how it was fitted.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -90,7 +92,7 @@ class JudgeHead:
             if target_hidden is None or draft_hidden is None:
                 raise ValueError("this judge head reads hidden states; pass both models' states")
             x = torch.cat([x, hidden_projections(target_hidden, draft_hidden).double()], dim=-1)  # [N, F + 2 * dims]
-        mean, scale, coef = (torch.tensor(v, dtype=torch.float64, device=p.device) for v in (self.mean, self.scale, self.coef))
+        mean, scale, coef = (_on_device(v, p.device) for v in (self.mean, self.scale, self.coef))
         return torch.sigmoid(((x - mean) / scale) @ coef + self.intercept).to(p.dtype)
 
     def to(self, device: Any) -> "JudgeHead":
@@ -147,6 +149,13 @@ def fit_judge(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], target: s
     return JudgeHead(tuple(features), tuple(map(float, scaler.mean_)), tuple(map(float, scale)),
                      tuple(map(float, model.coef_[0])), float(model.intercept_[0]), target, draft,
                      None if hidden is None else (PROJECTION_DIMS, PROJECTION_SEED), extra)
+
+
+@functools.lru_cache(maxsize=64)
+def _on_device(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A head's coefficients as a float64 tensor, made once per device: a copy to a GPU every
+    round would make the round wait for it."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 JUDGE_HEAD = Knob("head", str, None, "the judge head (a path to its JSON file)", required=True, constructor=False)

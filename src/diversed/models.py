@@ -130,8 +130,10 @@ def load_pair(
         raise UserInputError(problem)
     reason = reason or f"--backend {chosen.name}"
     target_model, tokenizer, target_name = chosen.load(target, dtype, device)
+    chosen, reason = chosen.settle(target_model, target_name, reason)
     if draft is None:
         return ModelPair(target_model, None, tokenizer, target_name, None, chosen, reason)
     draft_model, draft_tokenizer, draft_name = chosen.load(draft, dtype, device)
+    chosen, reason = chosen.settle(draft_model, draft_name, reason)
     check_vocabularies(tokenizer, draft_tokenizer, target_name, draft_name)
     return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name, chosen, reason)

@@ -24,6 +24,7 @@ import torch
 
 from .errors import UserInputError
 from .runners import ModelRunner
+from .runners.base import token_tensor
 from .sampling import SamplingParams, choose, logits_to_probs
 
 
@@ -107,7 +108,7 @@ class NgramProposer:
 
     def propose(self, committed, n, params, generator):
         continuation = lookup_continuation(list(committed), n, self.min_ngram, self.max_ngram)
-        return Proposal(torch.tensor(continuation, dtype=torch.long, device=self.device), None, None)
+        return Proposal(token_tensor(continuation, torch.device(self.device)), None, None)
 
     def rollback(self, length: int) -> None:
         pass  # stateless: it reads the committed tokens every round

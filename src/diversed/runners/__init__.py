@@ -14,9 +14,10 @@ from ..errors import UserInputError
 from .base import Backend, ModelFacts, ModelRunner
 from .hf import TORCH
 from .llamacpp import LLAMA_CPP
+from .static_cache import TORCH_STATIC
 
 #: Every backend by name (the order of `--backend` choices).
-BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (TORCH, LLAMA_CPP)}
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (TORCH, TORCH_STATIC, LLAMA_CPP)}
 AUTO = "auto"  # not a backend: "measure, then pick one" (calibration.choose_backend)
 BACKEND_CHOICES = (AUTO, *BACKENDS)
 

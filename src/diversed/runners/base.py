@@ -86,6 +86,14 @@ class Backend(ABC):
     def weights_label(self, dtype: str) -> str:
         """What the models' weights will be for a requested torch dtype (the step-cost key)."""
 
+    def offered_by_auto(self, device: torch.device) -> bool:
+        """Whether `--backend auto` measures this backend on `device` (every backend, by default)."""
+        return True
+
+    def settle(self, model: Any, name: str, reason: str) -> tuple["Backend", str]:
+        """(backend, why) to run a model this backend loaded: itself, or another it falls back to."""
+        return self, reason
+
     def batch(self, model: Any, vocab_size: int) -> Any:
         """A batched decoder over the model (only when `can_batch`)."""
         raise NotImplementedError(f"the {self.name} backend does not decode batches")
@@ -107,3 +115,17 @@ def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tu
         mask[b, longest - len(prompt_ids) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, L]
     return ids.to(device), mask.to(device), positions.to(device)
+
+
+def token_tensor(tokens: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids as a 1-D long tensor on `device`, without making the host wait for a GPU.
+
+    A plain host-to-GPU copy synchronizes the host with the device; from pinned memory it is
+    queued like a kernel, so a round keeps its single sync (the accepted count).
+    """
+    if isinstance(tokens, torch.Tensor):
+        return tokens.reshape(-1).to(device=device, dtype=torch.long)
+    ids = torch.tensor(list(tokens), dtype=torch.long)
+    if device.type != "cuda":
+        return ids.to(device)
+    return ids.pin_memory().to(device, non_blocking=True)

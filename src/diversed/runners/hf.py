@@ -9,7 +9,7 @@ import torch
 
 from ..embedded import EMBEDDED, convert_embedded, load_gguf_tokenizer
 from ..errors import ModelLoadError, UserInputError, first_line
-from .base import Backend, ModelFacts
+from .base import Backend, ModelFacts, token_tensor
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_DTYPE = "bfloat16"
@@ -36,7 +36,7 @@ class TorchRunner:
 
     def feed(self, tokens: Sequence[int] | torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> logits [num_logits, V] (float32), hidden [num_logits, H]."""
-        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(1, -1)  # [1, T]
+        ids = token_tensor(tokens, self.device).reshape(1, -1)  # [1, T]
         before = self.length
         hidden = self.body(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[0]  # [T, H]
         if self.length != before + ids.shape[1]:
