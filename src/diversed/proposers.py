@@ -182,7 +182,8 @@ class DraftModelProposer(ProposerKind):
 class PromptLookupProposer(ProposerKind):
     name: ClassVar[str] = "ngram"
     needs_draft_model: ClassVar[bool] = False
-    # Prompt-lookup drafts are point masses (max q = 1), which the cascade rule would always trust.
+    # Issue 23's rule over the static weights alone: point-mass drafts (max q = 1) pass the
+    # cascade's confidence rule and the KL gate's wholesale.
     default_method: ClassVar[str] = "exact"
     default_reason: ClassVar[str] = ("no static weight is yet shown to keep quality within 0.05 of exact on every task "
                                      "(docs/results/confirmatory); using --method exact, which is lossless")
