@@ -102,8 +102,19 @@ def interpreter_trees(site_packages):
     return sorted(whole), sorted(os.path.realpath(p) for p in allowed), hidden
 
 
-def build_minimal_root(root, cfg):
+def root_mountpoint(needed):
+    """An empty-able host folder to mount the new root on, not above anything the root binds in
+    (an interpreter or venv under /tmp must stay visible while the root is built)."""
+    for candidate in ("/mnt", "/media", "/srv", "/tmp"):
+        if os.path.isdir(candidate) and not any(path == candidate or path.startswith(candidate + "/") for path in needed):
+            return candidate
+    raise OSError("no folder to build the sandbox's root on: /mnt, /media, /srv and /tmp all hold the interpreter")
+
+
+def build_minimal_root(cfg):
     """A tmpfs root with only what the interpreter needs, then chroot into it (as real root)."""
+    whole, allowed, hidden = interpreter_trees(cfg["site_packages"])
+    root = root_mountpoint(whole + allowed + ["/usr"])
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for name in ("bin", "lib", "lib64", "sbin"):
         host = "/" + name
@@ -112,7 +123,6 @@ def build_minimal_root(root, cfg):
         elif os.path.isdir(host):
             bind(host, root)
     bind("/usr", root)
-    whole, allowed, hidden = interpreter_trees(cfg["site_packages"])
     for path in whole + allowed:
         bind(path, root)
     for path in hidden:
@@ -134,8 +144,8 @@ def build_minimal_root(root, cfg):
 def isolate(cfg, status):
     """Inside the namespaces: the minimal root and `nobody` (as root), else locked read-only mounts."""
     if os.getuid() == 0 and not cfg["user_namespace"]:
-        # /tmp of this private mount namespace is a fine place for the new root: the host's stays.
-        build_minimal_root("/tmp", cfg)
+        # The new root is mounted in this private mount namespace only: the host's folder stays.
+        build_minimal_root(cfg)
         status["readonly_fs"] = status["minimal_root"] = True
         become(NOBODY)  # the process limit applies to it, and no capability is left to undo a mount
     else:
