@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,26 @@ from diversed.testing import build_tiny_gguf, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # the full benchmark files (whole-split checks need them)
-FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"  # a few rows of each, shipped: enough to mine and benchmark on
+def _synthetic_data(folder: Path) -> Path:
+    """A few made-up GSM8K and MBPP rows in the datasets' formats (no benchmark text is shipped):
+    enough to mine and benchmark on with the tiny models, in a clean clone without ../shared."""
+    import json
+
+    def write(name, rows):
+        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gsm8k = [{"question": f"Tom has {i} apples and buys 2 more. How many apples does he have?",
+              "answer": f"He has {i} + 2 = {i + 2} apples.\n#### {i + 2}"} for i in range(3, 8)]
+    write("gsm8k_test.jsonl", gsm8k)
+    write("gsm8k_train.jsonl", gsm8k)
+    write("mbpp.jsonl", [{"text": f"Write a function add_{i} that adds {i} to a number.", "code": f"def add_{i}(a):\n    return a + {i}",
+                          "task_id": i, "test_setup_code": "", "test_list": [f"assert add_{i}(1) == {1 + i}"], "challenge_test_list": []}
+                         for i in [*range(1, 16), 601, 602, 603]])
+    return folder
+
+
+FIXTURE_DATA = _synthetic_data(Path(tempfile.mkdtemp(prefix="diversed-test-data-")))
 
 
 @pytest.fixture(scope="session")
