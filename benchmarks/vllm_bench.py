@@ -20,7 +20,8 @@ import platform
 import time
 from pathlib import Path
 
-from diversed.integrations.vllm.requests import uses_vllm_rule
+from diversed.integrations.vllm.launch import speculative_config
+from diversed.integrations.vllm.requests import speculative_object, uses_vllm_rule
 from diversed.methods import MethodSpec, needs_draft
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: the plugin's clock is ours to read
@@ -31,11 +32,6 @@ METHODS = ("ar", "exact", "static:0.9", "static:0.5", "cascade:opt:0")
 def prompts(data_dir: Path, count: int, tokenizer) -> list[str]:
     rows = [json.loads(line) for line in (data_dir / "gsm8k_test.jsonl").read_text().splitlines()[:count]]
     return [tokenizer.apply_chat_template([{"role": "user", "content": row["question"]}], tokenize=False, add_generation_prompt=True) for row in rows]
-
-
-def speculative_object(label: str) -> dict:
-    spec = MethodSpec.parse(label)
-    return {"method": spec.method, **spec.given()}
 
 
 def counters(llm) -> tuple[float, float]:
@@ -49,7 +45,7 @@ def run(llm, texts: list[str], label: str, concurrency: int, args) -> dict:
     from diversed.integrations.vllm.verification import CLOCK
 
     spec = MethodSpec.parse(label)
-    extra = None if not needs_draft(spec.method) or uses_vllm_rule(spec) else {"speculative": speculative_object(label)}
+    extra = None if not needs_draft(spec.method) or uses_vllm_rule(spec) else {"speculative": speculative_object(spec)}
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True, seed=None, extra_args=extra)
     drafted0, accepted0 = counters(llm)
     clock0, tokens, started = CLOCK.seconds, 0, time.perf_counter()
@@ -68,8 +64,7 @@ def run(llm, texts: list[str], label: str, concurrency: int, args) -> dict:
 def engine(target: Path, draft: Path | None, args):
     from vllm import LLM
 
-    speculative = None if draft is None else {
-        "method": "draft_model", "model": str(draft), "num_speculative_tokens": args.k, "draft_sample_method": "probabilistic"}
+    speculative = None if draft is None else speculative_config(str(draft), args.k)
     return LLM(model=str(target), dtype=args.dtype, max_model_len=1024, seed=0, enforce_eager=True, max_num_seqs=8,
                kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), generation_config="vllm", distributed_executor_backend="uni",
                disable_log_stats=False, speculative_config=speculative)

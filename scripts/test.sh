@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pytest -m "not slow or ci" "$@"
 if [ -z "${DIVERSED_SKIP_VLLM:-}" ]; then
     ./scripts/setup_vllm.sh .venv-vllm >/dev/null
-    .venv-vllm/bin/python -m pytest -m "not slow" -q tests/test_vllm_plugin.py tests/test_vllm_law.py
+    .venv-vllm/bin/python -m pytest -m "not slow" -q tests/test_vllm_plugin.py tests/test_vllm_law.py tests/test_vllm_eval.py
 fi

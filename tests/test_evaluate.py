@@ -99,15 +99,18 @@ def test_eval_summary_table_and_plot(gsm8k_run):
 
 
 @needs_shared_data
-def test_summary_times_methods_on_their_timed_rows_only(gsm8k_run):
-    """A method with lockstep rows added (seconds 0) keeps the tokens/s of its timed rows."""
+@pytest.mark.parametrize("untimed", [{"lockstep": True}, {"engine": "vllm 0.32.0"}], ids=["lockstep", "another engine"])
+def test_summary_times_methods_on_their_timed_rows_only(gsm8k_run, untimed):
+    """A method with untimed rows added (lockstep rows, or rows of another engine: seconds 0)
+    keeps the tokens/s of its timed rows; a row without a bias estimate makes the bias unknown."""
     from diversed.evaluate.settings import EvalSettings
     from diversed.evaluate.summary import summarize, summary_markdown
 
     rows = read_rows(gsm8k_run)
     timed = next(r for r in rows if r["method"] == "exact" and r["example_id"] == "test-0")
-    lockstep = next(r for r in rows if r["method"] == "exact" and r["example_id"] == "test-1")
-    lockstep.update(lockstep=True, metrics={**lockstep["metrics"], "seconds": 0.0, "target_seconds": 0.0, "draft_seconds": 0.0})
+    other = next(r for r in rows if r["method"] == "exact" and r["example_id"] == "test-1")
+    unknown_bias = {"estimated_bias": None} if "engine" in untimed else {}
+    other.update(untimed, metrics={**other["metrics"], "seconds": 0.0, "target_seconds": 0.0, "draft_seconds": 0.0, **unknown_bias})
     task = get_task("gsm8k")
     examples = task.load("test", 2, SHARED_DATA)
     settings = EvalSettings(**json.loads((gsm8k_run / "settings.json").read_text()))
@@ -117,6 +120,7 @@ def test_summary_times_methods_on_their_timed_rows_only(gsm8k_run):
     assert exact["tokens_per_second"] == pytest.approx(timed["metrics"]["new_tokens"] / timed["metrics"]["seconds"])
     assert exact["seconds_per_example"] == pytest.approx(timed["metrics"]["seconds"])
     assert "over the timed rows only" in summary_markdown(summary) and "exact (1 of 2)" in summary_markdown(summary)
+    assert (exact["estimated_bias"] is None) == bool(unknown_bias) and (exact["bias_per_position"] is None) == bool(unknown_bias)
 
 
 @needs_shared_data

@@ -176,6 +176,39 @@ def test_engine_vllm_refuses_a_method_vllm_cannot_verify(monkeypatch, capsys):
     assert "--engine vllm verifies with exact, static, cascade, klgate, entgate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "ar,exact"], "--engine vllm cannot run ar: speculative.method 'ar': vLLM cannot verify against ar"),
+    (["--methods", "diversed:gsm8k"], "--engine vllm cannot run diversed:gsm8k"),
+    (["--methods", "static:0.5", "--temperature", "0"], "needs temperature > 0"),
+    (["--methods", "exact", "--lockstep", "8"], "drop --lockstep with --engine vllm"),
+    (["--methods", "exact", "--draft", "ngram"], "--draft ngram runs on our engine"),
+    (["--methods", "exact", "--draft-length", "auto"], "pass --draft-length N"),
+])
+def test_eval_engine_vllm_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys, flags, message):
+    from diversed.cli import main
+
+    from .conftest import FIXTURE_DATA
+
+    code = main(["eval", "--engine", "vllm", "--task", "gsm8k", "--n", "1", "--data-dir", str(FIXTURE_DATA), "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()  # refused before the folder records any settings
+
+
+def test_eval_engine_vllm_without_vllm_is_one_line(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from diversed.cli import main
+
+    from .conftest import FIXTURE_DATA
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
+    assert main(["eval", "--engine", "vllm", "--task", "gsm8k", "--n", "1", "--methods", "exact", "--data-dir", str(FIXTURE_DATA),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --engine vllm needs vLLM 0.32.0") and "\n" not in err
+
+
 def test_the_vllm_server_command_line():
     from diversed.integrations.vllm.launch import serve_argv
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from .chat_encoding import encode_chat
 from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
@@ -29,6 +29,15 @@ from .verifiers import Verifier
 # across tasks belongs here (docs/heads.md); task-specific heads are opt-in (--head NAME).
 DEFAULT_HEAD: str | None = None
 T = TypeVar("T")
+
+
+class PromptEncoder(Protocol):
+    """What turns a prompt into ids: a `ModelPair`, or a tokenizer and window from another engine."""
+
+    tokenizer: Any
+
+    @property
+    def context_window(self) -> int: ...
 
 
 def default_method(pair: ModelPair, default_head: str | None = DEFAULT_HEAD, proposer: str = DRAFT_MODEL.name) -> tuple[MethodSpec, str]:
@@ -116,7 +125,7 @@ def require_utf8(prompt: str | list[dict[str, str]]) -> None:
             raise UserInputError("the prompt is not valid UTF-8 text") from None
 
 
-def encode_prompt(pair: ModelPair, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
+def encode_prompt(pair: PromptEncoder, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
     """Token ids for a prompt: wrapped in the target's chat template unless `raw`.
 
     `prompt` may also be a list of chat messages ({"role", "content"}).
@@ -269,7 +278,7 @@ def first_stop(text: str, stops: tuple[str, ...] | list[str], start: int = 0) ->
     return min(positions) if positions else None
 
 
-def fitting_prompts(pair: ModelPair, items: Sequence[T], prompt_of: Callable[[T], Any], room: int, raw: bool = False
+def fitting_prompts(pair: PromptEncoder, items: Sequence[T], prompt_of: Callable[[T], Any], room: int, raw: bool = False
                     ) -> tuple[list[tuple[T, list[int]]], list[T]]:
     """(item, prompt ids) for each item whose prompt leaves `room` tokens in the context; and the items skipped.
 

@@ -26,7 +26,7 @@ class Metrics:
     rounds: int = 0  # target forward passes over a drafted block (or single tokens for `ar`)
     new_tokens: int = 0
     seconds: float = 0.0
-    estimated_bias: float = 0.0  # sum over emitted positions of TV(emitted distribution, p)
+    estimated_bias: float | None = 0.0  # sum over emitted positions of TV(emitted distribution, p); None: unknown (another engine's rows)
     draft_seconds: float = 0.0  # proposing (draft-model forwards and sampling, or prompt lookup)
     target_seconds: float = 0.0  # target forwards
     accepted_per_position: list[int] = field(default_factory=list)  # [N]: rounds accepting position i
@@ -77,7 +77,7 @@ class Metrics:
             rounds=self.rounds + other.rounds,
             new_tokens=self.new_tokens + other.new_tokens,
             seconds=self.seconds + other.seconds,
-            estimated_bias=self.estimated_bias + other.estimated_bias,
+            estimated_bias=None if self.estimated_bias is None or other.estimated_bias is None else self.estimated_bias + other.estimated_bias,
             draft_seconds=self.draft_seconds + other.draft_seconds,
             target_seconds=self.target_seconds + other.target_seconds,
         )

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UserInputError
-from ..evaluate import (DEFAULT_WEIGHTS, FRONT_JSON, FRONT_PLOT, SUMMARY_JSON, EvalSettings, check_settings, plot_front,
-                        run_eval, summary_markdown, theoretical_front)
+from ..evaluate import (DEFAULT_WEIGHTS, FRONT_JSON, FRONT_PLOT, SUMMARY_JSON, EngineRows, EvalSettings, LockstepRows, RowMaker,
+                        check_settings, plot_front, run_eval, summary_markdown, theoretical_front)
 from ..generation import MethodSpec, check_spec
 from ..methods import METHODS, spec_syntax
 from ..embedded import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -18,7 +18,10 @@ from ..sampling import SamplingParams
 from ..run_files import writable_folder
 from ..sandbox import require_isolation
 from ..tasks import TASKS, Example, Task, get_task
+from ..runners.hf import DEFAULT_DTYPE
 from .args import add_model_args, add_sampling_args, config_from_args, pair_from_args, proposer_from_args, resolve_backend
+
+VLLM = "vllm"  # --engine: vLLM with the diversed plugin (integrations/vllm), in its own environment
 
 
 def _parse_methods(text: str) -> list[MethodSpec]:
@@ -64,20 +67,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # validates the sampling options before the models load
     proposer = proposer_from_args(args)
     target, draft = args.target or DEFAULT_TARGET.name, (args.draft or DEFAULT_DRAFT.name) if proposer.needs_draft_model else proposer.name
-    backend = resolve_backend(args)  # settles --backend auto and the dtype, which the settings record
+    on_vllm = args.engine == VLLM
+    if on_vllm:
+        backend, args.dtype = VLLM, args.dtype or DEFAULT_DTYPE
+    else:
+        backend = resolve_backend(args)  # settles --backend auto and the dtype, which the settings record
     settings = EvalSettings(
         task=task.name, split=args.split, target=target, draft=draft,
         dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         draft_length=config.draft_length, max_new_tokens=args.max_new_tokens, seed=args.seed, raw=args.raw,
         draft_confidence=args.draft_confidence, prompt_version=task.prompt_version, backend=backend, proposer=config.proposer,
     )
+    if on_vllm:
+        _check_vllm_eval(args, specs, settings)  # before the folder records these settings
     out_dir = writable_folder(Path(args.out))  # fail before the (slow) model load
     check_settings(out_dir, settings)
-    pair = pair_from_args(args, needs_draft=any(needs_draft(spec.method) for spec in specs))
-    summary = run_eval(pair, task, examples, specs, settings, out_dir, lockstep=args.lockstep)
+    maker = _vllm_rows(args, settings) if on_vllm else _our_rows(args, specs)
+    summary = run_eval(maker, task, examples, specs, settings, out_dir)
     print(summary_markdown(summary))
     print(f"rows, summary and plot in {out_dir}/", file=sys.stderr)
     return 0
+
+
+def _our_rows(args: argparse.Namespace, specs: list[MethodSpec]) -> RowMaker:
+    pair = pair_from_args(args, needs_draft=any(needs_draft(spec.method) for spec in specs))
+    return EngineRows(pair) if args.lockstep is None else LockstepRows(pair, args.lockstep)
+
+
+def _check_vllm_eval(args: argparse.Namespace, specs: list[MethodSpec], settings: EvalSettings) -> None:
+    from ..integrations.vllm.evaluation import check_vllm_eval
+    from ..integrations.vllm.launch import require_vllm
+
+    if args.lockstep is not None:
+        raise UserInputError("--lockstep is our engine's batching; vLLM batches by itself: drop --lockstep with --engine vllm")
+    if not proposer_from_args(args).needs_draft_model:
+        raise UserInputError("--engine vllm drafts with a draft model; --draft ngram runs on our engine")
+    check_vllm_eval(specs, settings)
+    require_vllm()
+
+
+def _vllm_rows(args: argparse.Namespace, settings: EvalSettings) -> RowMaker:
+    from ..integrations.vllm.evaluation import VllmRows
+
+    return VllmRows(args.target, args.draft, args.dtype, settings.draft_length)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -123,6 +155,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--unsafe-sandbox", action="store_true", help="run model-written code even where the sandbox cannot isolate it (docs/evaluation.md)")
     ev.add_argument("--lockstep", type=_positive_int, nargs="?", const=16, metavar="BATCH",
                     help="generate BATCH rows (default 16) at a time in lockstep: the engine's law and counts, several times faster, no timing (torch, T > 0, fixed N; docs/evaluation.md)")
+    ev.add_argument("--engine", choices=("diversed", VLLM), default="diversed",
+                    help="diversed (default): this package's engine; vllm: vLLM with the diversed plugin, in vLLM's environment (docs/vllm.md)")
     # A fixed N by default: rows of different methods then compare at the same draft length.
     ev.set_defaults(handler=cmd_eval, max_new_tokens=256, seed=0, draft_length=5)
 

