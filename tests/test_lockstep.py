@@ -192,3 +192,16 @@ def test_eval_lockstep_adds_rows_to_an_engine_run(gsm8k_run, tiny_model_dirs, tm
     assert exit_.value.code == 2 and "at least 1" in capsys.readouterr().err
     assert cli.main(eval_args(tiny_model_dirs, tmp_path / "greedy", "--lockstep", "--temperature", "0", methods=["exact"])) == 2
     assert "greedy" in capsys.readouterr().err
+
+
+def test_lockstep_settles_auto_on_the_batching_backend():
+    """Under --backend auto a lockstep run takes the backend that decodes batches, whatever auto
+    would measure for one sequence at a time (llama.cpp, or torch-static on a GPU)."""
+    import argparse
+
+    from diversed.commands.args import resolve_backend
+    from diversed.runners import batch_backend
+
+    args = argparse.Namespace(target=None, draft=None, dtype=None, device="cpu", backend="auto")
+    assert resolve_backend(args, batched=True) == batch_backend().name
+    assert args.backend_reason == f"auto: {batch_backend().name}, the backend that decodes batches" and args.dtype is not None

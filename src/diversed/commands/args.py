@@ -14,7 +14,7 @@ from ..methods import METHODS, flag, knob_help, knob_owners, spec_from_knobs
 from ..errors import UserInputError
 from ..models import ModelPair, load_pair, pair_specs
 from ..proposers import ProposerKind, proposer_for_draft
-from ..runners import BACKEND_CHOICES, get_backend
+from ..runners import AUTO, BACKEND_CHOICES, batch_backend, get_backend
 from ..runners.hf import DEFAULT_DTYPE, DTYPES
 from ..sampling import SamplingParams
 
@@ -42,14 +42,18 @@ def draft_model_spec(args: argparse.Namespace) -> str | None:
     return args.draft if proposer_from_args(args).needs_draft_model else None
 
 
-def resolve_backend(args: argparse.Namespace, needs_draft: bool = True) -> str:
+def resolve_backend(args: argparse.Namespace, needs_draft: bool = True, batched: bool = False) -> str:
     """Settle `--backend auto` (and the default dtype) once, before any run starts; commands
     that record the backend as a setting of their output read it here (a resumed run must use
-    the same kernels). Sets `args.backend_reason`; returns the backend's name."""
+    the same kernels). `batched` work settles `auto` on the backend that decodes batches.
+    Sets `args.backend_reason`; returns the backend's name."""
     if not hasattr(args, "backend_reason"):
         with_draft = needs_draft and proposer_from_args(args).needs_draft_model
         target, draft = pair_specs(args.target, draft_model_spec(args), with_draft)
-        backend, args.backend_reason = choose_backend(target, draft, args.dtype, args.device, args.backend)
+        batching = batched and args.backend == AUTO
+        backend, args.backend_reason = choose_backend(target, draft, args.dtype, args.device, batch_backend().name if batching else args.backend)
+        if batching:
+            args.backend_reason = f"auto: {backend.name}, the backend that decodes batches"
         args.backend, args.dtype = backend.name, args.dtype or DEFAULT_DTYPE
     return args.backend
 

@@ -71,7 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if on_vllm:
         backend, args.dtype = VLLM, args.dtype or DEFAULT_DTYPE
     else:
-        backend = resolve_backend(args)  # settles --backend auto and the dtype, which the settings record
+        # Settles --backend auto (lockstep: on the batching backend) and the dtype, which the settings record.
+        backend = resolve_backend(args, batched=args.lockstep is not None)
     settings = EvalSettings(
         task=task.name, split=args.split, target=target, draft=draft,
         dtype=args.dtype, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
