@@ -141,7 +141,8 @@ def test_a_client_leaving_during_preparation_stops_the_work(flood_server):
     assert _gone(before) and _worker_pid(url) != before
 
 
-def test_the_404_does_not_echo_an_unbounded_model_name(flood_server):
-    response = post(flood_server, "/v1/completions", {"model": "m" * 200_000, "prompt": "hi", "max_tokens": 2})
-    assert response.status_code == 404
+@pytest.mark.parametrize("prompt", ["hi", "a" * 70_000])  # prepared on a thread, and in the preparation process
+def test_the_404_does_not_echo_an_unbounded_model_name(flood_server, prompt):
+    response = post(flood_server, "/v1/completions", {"model": "m" * 200_000, "prompt": prompt, "max_tokens": 2})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"  # kept across processes
     assert len(response.text) < 1000
