@@ -130,7 +130,11 @@ def encode_prompt(pair: PromptEncoder, prompt: str | list[dict[str, str]], raw: 
 
     `prompt` may also be a list of chat messages ({"role", "content"}).
     """
-    tokenizer = pair.tokenizer
+    return tokenize_prompt(pair.tokenizer, pair.context_window, prompt, raw)
+
+
+def tokenize_prompt(tokenizer: Any, context_window: int, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
+    """`encode_prompt` with only what it needs of a pair (the server tokenises in a process without models)."""
     if isinstance(prompt, str) and not prompt.strip():
         raise UserInputError("the prompt is empty")
     require_utf8(prompt)
@@ -143,8 +147,8 @@ def encode_prompt(pair: PromptEncoder, prompt: str | list[dict[str, str]], raw: 
         if not getattr(tokenizer, "chat_template", None):
             raise UserInputError("this target has no chat template; pass the prompt as-is (--raw)")
         ids = encode_chat(tokenizer, messages)  # contents cannot produce special tokens
-    if len(ids) >= pair.context_window:
-        raise UserInputError(f"the prompt is {len(ids)} tokens; the target's context window is {pair.context_window}")
+    if len(ids) >= context_window:
+        raise UserInputError(f"the prompt is {len(ids)} tokens; the target's context window is {context_window}")
     return ids
 
 

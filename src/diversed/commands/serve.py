@@ -38,6 +38,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--max-connections", type=int, default=limits.MAX_CONNECTIONS, help="open connections; beyond that uvicorn answers 503")
     group.add_argument("--header-timeout", type=float, default=limits.HEADER_TIMEOUT_S, help="seconds for a request's headers to arrive")
     group.add_argument("--body-timeout", type=float, default=limits.BODY_TIMEOUT_S, help="seconds for a request's body to arrive (then 408)")
+    group.add_argument("--prepare-timeout", type=float, default=limits.PREPARE_TIMEOUT_S,
+                       help="seconds to parse and tokenise a received request (then 503, and the work is stopped)")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     group.add_argument("--engine", choices=("diversed", "vllm"), default="diversed",
                        help="diversed (default): this package's engine; vllm: vLLM's OpenAI server with the diversed plugin (docs/vllm.md)")
@@ -57,6 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         request_timeout=args.request_timeout,
         max_prompt_bytes=args.max_prompt_bytes,
         body_timeout=args.body_timeout,
+        prepare_timeout=args.prepare_timeout,
     )
 
 

@@ -10,7 +10,8 @@ response `usage` carries the docs/method.md §6 metrics next to the OpenAI token
 
 The package: schemas.py (settings, request and response shapes, errors, request -> generation),
 scheduler.py (one generation at a time, per-request jobs), app.py (the ASGI app and its
-telemetry), limits.py (what keeps one client from stalling the server). The command is
+telemetry), limits.py (what keeps one client from stalling the server), preparation.py (body to
+queued request, under a deadline, large bodies in a process of their own). The command is
 diversed/commands/serve.py. fastapi, uvicorn and prometheus-client are imported inside
 functions so that registering the command (on every `diversed` invocation) stays cheap.
 """

@@ -26,3 +26,12 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The keyword-only fields are not in `args`: keep them when the error crosses from the
+        # preparation process (pickle would otherwise rebuild a plain 400).
+        return _rebuild, (type(self), self.message, self.status, self.param, self.code, self.type)
+
+
+def _rebuild(cls: type[ApiError], message: str, status: int, param: str | None, code: str | None, error_type: str) -> ApiError:
+    return cls(message, status=status, param=param, code=code, error_type=error_type)

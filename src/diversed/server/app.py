@@ -11,7 +11,7 @@ from . import limits
 from .api_errors import ApiError
 from .limits import ClientAborted, require_json
 from .scheduler import ClientDisconnected, Job, drain, unless_disconnected
-from .schemas import CHAT, COMPLETIONS, ServerSettings, Flavor, as_api_error, parse_body, sse, usage
+from .schemas import CHAT, COMPLETIONS, ServerSettings, Flavor, as_api_error, sse, usage
 from .service import GenerationService, resolve_default_spec
 from .telemetry import ENDPOINTS, RequestMetricsMiddleware
 
@@ -36,6 +36,7 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
         yield
         service.close()
 
@@ -112,12 +113,16 @@ async def _generate(request: Request, service: GenerationService, flavor: Flavor
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     require_json(request)
-    body = parse_body(await limits.read_body(request, MAX_BODY_BYTES, service.settings.body_timeout), flavor.body)
-    job = await service.start_job(body, flavor)
+    raw = await limits.read_body(request, MAX_BODY_BYTES, service.settings.body_timeout)
+    try:
+        prepared, generation = await unless_disconnected(request, service.prepare(raw, flavor))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    job = service.queue(prepared, generation)  # not inside unless_disconnected: a job queued there could be left behind
     header = service.response_header(flavor)
     handed_off = False  # once streaming, _stream_events owns the job
     try:
-        if body.stream:
+        if prepared.stream:
             # Wait for the first delta before answering, so that anything failing before
             # the first token (queue wait, timeout, a prompt too long) gets a real status.
             first = await unless_disconnected(request, job.next_delta())

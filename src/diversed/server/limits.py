@@ -2,7 +2,7 @@
 
 - Body and prompt limits, checked before any tokenisation: the body streams in under a read
   timeout, the prompt's UTF-8 size is bounded by `--max-prompt-bytes`, a chat has at most
-  MAX_MESSAGES messages.
+  MAX_MESSAGES messages. Preparing a request (preparation.py) has a deadline of its own.
 - Only `Content-Type: application/json` bodies (a browser cannot send those cross-site
   without a CORS preflight, which this server never grants).
 - Connection-level limits for uvicorn: a header-read timeout (uvicorn has none for a fresh
@@ -29,6 +29,10 @@ MAX_PROMPT_BYTES = 1 << 20  # a context window of text is far less; tokenising m
 # chat template is linear but not interruptible, so the count is what bounds that work.
 MAX_MESSAGES = 4096
 BODY_TIMEOUT_S = 30.0  # the whole body must arrive within this
+# From a received body to its generation queued: parsing, the chat template, tokenising. Any
+# prompt within the limits takes a small fraction of this; waiting behind other large requests
+# for the preparation process counts too.
+PREPARE_TIMEOUT_S = 30.0
 HEADER_TIMEOUT_S = 10.0  # request line and headers must arrive within this
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 512  # beyond this uvicorn answers 503 at once

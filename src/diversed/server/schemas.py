@@ -48,6 +48,7 @@ class ServerSettings:
     model_name: str | None = None  # the id clients pass as `model`; default: the target's name
     max_prompt_bytes: int = MAX_PROMPT_BYTES  # larger prompts get a 413 before tokenisation
     body_timeout: float = limits.BODY_TIMEOUT_S  # seconds for the whole body to arrive (then 408)
+    prepare_timeout: float = limits.PREPARE_TIMEOUT_S  # seconds to parse, check and tokenise a received body (then 503)
 
     def __post_init__(self) -> None:
         checks = (
@@ -61,6 +62,7 @@ class ServerSettings:
             (self.request_timeout > 0, f"--request-timeout must be > 0, got {self.request_timeout}"),
             (self.max_prompt_bytes >= 1, f"--max-prompt-bytes must be >= 1, got {self.max_prompt_bytes}"),
             (self.body_timeout > 0, f"--body-timeout must be > 0, got {self.body_timeout}"),
+            (self.prepare_timeout > 0, f"--prepare-timeout must be > 0, got {self.prepare_timeout}"),
             (bool(self.allowed_methods), "--allowed-methods is empty"),
         )
         for ok, message in checks:
@@ -171,6 +173,12 @@ class QueueFullError(ApiError):
 
 class RequestTimeoutError(ApiError):
     status, type, code = 504, "timeout_error", "timeout"
+
+
+class PrepareTimeoutError(ApiError):
+    """The body arrived but could not be parsed, checked and tokenised in time (the work is stopped)."""
+
+    status, type, code = 503, "timeout_error", "prepare_timeout"
 
 
 def field_name(param: str) -> str:

@@ -1,6 +1,6 @@
 """What a server does for one pair, without HTTP: the default method, verifiers (cached per
-spec), preparing generations off the event loop, the scheduler and telemetry (app.py adds the
-routes)."""
+spec), preparing requests off the event loop under a deadline (preparation.py), the scheduler
+and telemetry (app.py adds the routes)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..engine import GenerationConfig
 from ..errors import UserInputError
 from ..generation import Generation, MethodSpec, build_verifier, default_method, start_generation
 from ..head import HeadMismatchError
 from ..methods import AR
 from ..models import ModelPair
 from .api_errors import ApiError
-from .limits import check_prompt_size
+from .preparation import IN_PROCESS_BODY_BYTES, PrepareContext, Prepared, PrepareWorker, prepare_request
 from .scheduler import Job, Scheduler
-from .schemas import ServerSettings, Flavor, GenerationBody, request_config, resolve_spec
+from .schemas import Flavor, PrepareTimeoutError, ServerSettings
 from .telemetry import Telemetry
 
 
@@ -46,31 +45,50 @@ class GenerationService:
         self.scheduler = Scheduler(settings.queue_size)
         self.telemetry = Telemetry(self.scheduler)
         self.preparers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diversed-prepare")  # bounded: tokenising is CPU work
+        self.context = PrepareContext(settings, self.default_spec, self.model_name, pair.tokenizer, pair.context_window)
+        self.worker = PrepareWorker(self.context, on_restart=self.telemetry.prepare_restarts.inc)
+
+    def start(self) -> None:
+        """Called once the event loop runs: spawn the preparation process."""
+        self.worker.start()
 
     def close(self) -> None:
         self.scheduler.shutdown()
         self.preparers.shutdown(wait=False, cancel_futures=True)
+        self.worker.close()
 
-    def prepare(self, prompt: Any, spec: MethodSpec, config: GenerationConfig, raw: bool) -> Generation:
-        """Tokenisation, chat template and head loading: run on a preparation thread, off the loop."""
+    async def prepare(self, raw: bytes, flavor: Flavor) -> tuple[Prepared, Generation]:
+        """Everything between a received body and the queue, within --prepare-timeout (else
+        PrepareTimeoutError). Cancelling it (a client gone) stops the preparation process's work."""
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(self.settings.prepare_timeout)
         try:
-            verifier = self.verifier_for(spec)
+            async with deadline:
+                if len(raw) <= IN_PROCESS_BODY_BYTES:
+                    # A thread cannot be stopped: past the deadline it finishes its bounded work unread.
+                    prepared = await loop.run_in_executor(self.preparers, prepare_request, raw, flavor, self.context)
+                else:
+                    prepared = await self.worker.prepare(raw, flavor)
+                generation = await loop.run_in_executor(self.preparers, self._start_generation, prepared)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise PrepareTimeoutError(f"the request could not be prepared within {self.settings.prepare_timeout:g} s (the server's --prepare-timeout)") from None
+        return prepared, generation
+
+    def _start_generation(self, prepared: Prepared) -> Generation:
+        """The verifier (a head may load) and the generation's proposer and policy: on a preparation thread."""
+        try:
+            verifier = self.verifier_for(prepared.spec)
         except HeadMismatchError:
             # The message would show the server's files: name the field instead.
-            raise ApiError(f"speculative.head {spec.head!r} was trained for another model pair", param="speculative.head") from None
-        return start_generation(self.pair, prompt, spec, config, raw=raw, verifier=verifier)
+            raise ApiError(f"speculative.head {prepared.spec.head!r} was trained for another model pair", param="speculative.head") from None
+        return start_generation(self.pair, prepared.prompt_ids, prepared.spec, prepared.config, verifier=verifier)
 
-    async def start_job(self, body: GenerationBody, flavor: Flavor) -> Job:
-        settings = self.settings
-        if body.model is not None and body.model != self.model_name:
-            shown = body.model if len(body.model) <= 100 else body.model[:100] + "…"  # never echo an unbounded name
-            raise ApiError(f"the model {shown!r} does not exist; this server serves {self.model_name!r}", status=404, param="model", code="model_not_found")
-        prompt, raw = flavor.prompt(body)
-        check_prompt_size(prompt, settings.max_prompt_bytes)
-        spec = resolve_spec(body.speculative, self.default_spec, settings)
-        config = request_config(body, settings)
-        generation = await asyncio.get_running_loop().run_in_executor(self.preparers, self.prepare, prompt, spec, config, raw)
-        return Job(self.scheduler, generation, settings.request_timeout, lambda job: self.telemetry.record_job(job, spec.method))
+    def queue(self, prepared: Prepared, generation: Generation) -> Job:
+        """The generation, queued for the model (QueueFullError when the queue is full)."""
+        method = prepared.spec.method
+        return Job(self.scheduler, generation, self.settings.request_timeout, lambda job: self.telemetry.record_job(job, method))
 
     def response_header(self, flavor: Flavor) -> dict[str, Any]:
         return {"id": f"{flavor.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}

@@ -36,6 +36,10 @@ class Telemetry:
         self.drafted = Counter("diversed_drafted_tokens", "Draft tokens proposed (docs/method.md §6 drafted)", by_method, registry=registry)
         self.accepted = Counter("diversed_accepted_tokens", "Draft tokens accepted (docs/method.md §6 accepted)", by_method, registry=registry)
         self.rounds = Counter("diversed_rounds", "Target verification rounds (docs/method.md §6 rounds)", by_method, registry=registry)
+        self.prepare_restarts = Counter(
+            "diversed_prepare_restarts", "Preparation processes stopped and respawned (a request past --prepare-timeout, or its client gone)",
+            registry=registry,
+        )
         in_flight = Gauge("diversed_requests_in_flight", "Generations running or waiting for the model", registry=registry)
         in_flight.set_function(lambda: scheduler.in_flight)
 
