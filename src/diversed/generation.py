@@ -130,11 +130,7 @@ def encode_prompt(pair: PromptEncoder, prompt: str | list[dict[str, str]], raw: 
 
     `prompt` may also be a list of chat messages ({"role", "content"}).
     """
-    return tokenize_prompt(pair.tokenizer, pair.context_window, prompt, raw)
-
-
-def tokenize_prompt(tokenizer: Any, context_window: int, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
-    """`encode_prompt` with only what it needs of a pair (the server tokenises in a process without models)."""
+    tokenizer, context_window = pair.tokenizer, pair.context_window
     if isinstance(prompt, str) and not prompt.strip():
         raise UserInputError("the prompt is empty")
     require_utf8(prompt)

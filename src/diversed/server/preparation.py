@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ..engine import GenerationConfig
 from ..errors import DiversedError
-from ..generation import MethodSpec, tokenize_prompt
+from ..generation import MethodSpec, encode_prompt
 from .api_errors import ApiError
 from .limits import check_prompt_size
 from .schemas import Flavor, ServerSettings, as_api_error, parse_body, request_config, resolve_spec
@@ -67,7 +67,7 @@ def prepare_request(raw: bytes, flavor: Flavor, context: PrepareContext) -> Prep
     spec = resolve_spec(body.speculative, context.default_spec, settings)
     config = request_config(body, settings)
     try:
-        prompt_ids = tokenize_prompt(context.tokenizer, context.context_window, prompt, raw_prompt)
+        prompt_ids = encode_prompt(context, prompt, raw_prompt)  # a PromptEncoder: no models in this process
     except DiversedError as exc:  # as an ApiError: it keeps its status and field across processes
         raise as_api_error(exc) from None
     if not prompt_ids:
