@@ -12,6 +12,7 @@ Needs vLLM (the environment scripts/setup_vllm.sh builds); skipped where it is n
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -147,20 +148,26 @@ def test_vllm_acceptance_on_the_real_pair_is_the_engines():
                  "List three prime numbers and say why they are prime.", "Write a haiku about the sea."]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True) for q in questions]
     prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompts]
-    llm = LLM(model=str(target_dir), dtype="float32", max_model_len=512, seed=0, enforce_eager=True, max_num_seqs=8,
-              kv_cache_memory_bytes=1 << 30, generation_config="vllm", distributed_executor_backend="uni",
+    # max_num_batched_tokens bounds vLLM's warm-up batch (logits over the whole vocabulary);
+    # the engine goes before the two transformers models load, so the test fits a 24 GiB machine.
+    llm = LLM(model=str(target_dir), dtype="float32", max_model_len=512, max_num_batched_tokens=512, seed=0, enforce_eager=True,
+              max_num_seqs=8, kv_cache_memory_bytes=1 << 30, generation_config="vllm", distributed_executor_backend="uni",
               per_request_spec_decode_metrics="detailed",
               speculative_config={"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"})
+    completions = {}
+    for name, (options, _) in METHODS.items():
+        params = SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True, extra_args={"speculative": options})
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], params, use_tqdm=False)
+        completions[name] = [output.outputs[0] for output in outputs]
+    del llm, outputs
+    gc.collect()
     target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
     draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32)
     rates = {}
-    for name, (options, verifier) in METHODS.items():
-        params = SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True, extra_args={"speculative": options})
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], params, use_tqdm=False)
+    for name, (_, verifier) in METHODS.items():
         accepted = expected = variance = 0.0
         count = 0
-        for prompt_ids, output in zip(prompts * 2, outputs):
-            completion = output.outputs[0]
+        for prompt_ids, completion in zip(prompts * 2, completions[name]):
             metrics = completion.spec_decode_metrics
             found = trials(prompt_ids, list(completion.token_ids), metrics.per_step_accepted, metrics.per_step_drafted)
             ids = torch.tensor([prompt_ids + list(completion.token_ids)])
