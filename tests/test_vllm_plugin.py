@@ -209,6 +209,33 @@ def test_eval_engine_vllm_without_vllm_is_one_line(monkeypatch, tmp_path, capsys
     assert err.startswith("error: --engine vllm needs vLLM 0.32.0") and "\n" not in err
 
 
+@pytest.mark.parametrize("flags, cuda, expected", [
+    (["avx2"], False, "float32"), (["avx2", "avx512f", "avx512_bf16"], False, "bfloat16"), (["amx_bf16"], False, "bfloat16"), ([], True, "bfloat16")])
+def test_vllms_default_dtype_follows_the_machine(monkeypatch, flags, cuda, expected):
+    from diversed import calibration
+    from diversed.integrations.vllm import launch
+
+    monkeypatch.setattr(calibration, "cpu_description", lambda: ("a CPU", flags))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert launch.default_dtype() == expected
+
+
+def test_serve_engine_vllm_without_dtype_names_one(monkeypatch):
+    """`diversed serve --engine vllm` with no --dtype hands vLLM the machine's default, not None."""
+    import os
+
+    from diversed.cli import main
+    from diversed.integrations.vllm import launch
+
+    started = {}
+    monkeypatch.setattr(launch, "require_vllm", lambda: "0.32.0")
+    monkeypatch.setattr(launch, "model_paths", lambda target, draft: ("/m/target", "/m/draft"))
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.update(argv=argv))
+    main(["serve", "--engine", "vllm", "--method", "static", "--weight", "0.5"])
+    argv = started["argv"]
+    assert all(isinstance(arg, str) for arg in argv) and argv[argv.index("--dtype") + 1] == launch.default_dtype()
+
+
 def test_the_vllm_server_command_line():
     from diversed.integrations.vllm.launch import serve_argv
 

@@ -18,7 +18,6 @@ from ..sampling import SamplingParams
 from ..run_files import writable_folder
 from ..sandbox import require_isolation
 from ..tasks import TASKS, Example, Task, get_task
-from ..runners.hf import DEFAULT_DTYPE
 from .args import add_model_args, add_sampling_args, config_from_args, pair_from_args, proposer_from_args, resolve_backend
 
 VLLM = "vllm"  # --engine: vLLM with the diversed plugin (integrations/vllm), in its own environment
@@ -69,7 +68,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target, draft = args.target or DEFAULT_TARGET.name, (args.draft or DEFAULT_DRAFT.name) if proposer.needs_draft_model else proposer.name
     on_vllm = args.engine == VLLM
     if on_vllm:
-        backend, args.dtype = VLLM, args.dtype or DEFAULT_DTYPE
+        from ..integrations.vllm.launch import default_dtype
+
+        backend, args.dtype = VLLM, args.dtype or default_dtype()
     else:
         # Settles --backend auto (lockstep: on the batching backend) and the dtype, which the settings record.
         backend = resolve_backend(args, batched=args.lockstep is not None)

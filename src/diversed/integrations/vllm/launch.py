@@ -56,6 +56,18 @@ def model_paths(target: str | None, draft: str | None) -> tuple[str, str]:
     return path(target, DEFAULT_TARGET), path(draft, DEFAULT_DRAFT)
 
 
+def default_dtype() -> str:
+    """vLLM's compute dtype when none is given: bfloat16, except on a CPU without bf16 matrix units
+    (AVX-512 BF16 or AMX), where vLLM falls back to torch kernels that are far slower than float32."""
+    import torch
+
+    from ...calibration import cpu_description
+
+    if torch.cuda.is_available() or {"avx512_bf16", "amx_bf16"} & set(cpu_description()[1]):
+        return "bfloat16"
+    return "float32"
+
+
 def speculative_config(draft: str, k: int) -> dict[str, object]:
     """vLLM's speculative config for the plugin: a draft model whose tokens are sampled, so its probabilities are kept."""
     return {"method": "draft_model", "model": draft, "num_speculative_tokens": k, "draft_sample_method": "probabilistic"}
@@ -75,13 +87,13 @@ def serve_argv(target: str, draft: str, *, host: str, port: int, model_name: str
     ]
 
 
-def serve(*, target: str | None, draft: str | None, method_label: str, host: str, port: int, model_name: str | None, dtype: str) -> int:
+def serve(*, target: str | None, draft: str | None, method_label: str, host: str, port: int, model_name: str | None, dtype: str | None) -> int:
     """Replace this process by vLLM's OpenAI server; returns only on error."""
     version = require_vllm()
     if method_label.split(":", 1)[0] not in VLLM_METHODS:
         raise UserInputError(f"--engine vllm verifies with {', '.join(VLLM_METHODS)}; {method_label} is not one of them")
     target_dir, draft_dir = model_paths(target, draft)
-    argv = serve_argv(target_dir, draft_dir, host=host, port=port, model_name=model_name, dtype=dtype)
+    argv = serve_argv(target_dir, draft_dir, host=host, port=port, model_name=model_name, dtype=dtype or default_dtype())
     print(f"serving {target_dir} (draft {draft_dir}) with vLLM {version} on http://{host}:{port}/v1, default method {method_label}",
           file=sys.stderr, flush=True)
     os.execve(sys.executable, argv, {**os.environ, DEFAULT_METHOD_ENV: method_label})
