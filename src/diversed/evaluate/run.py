@@ -132,8 +132,8 @@ class EngineRows:
         return self.pair
 
     def rows(self, task: Task, todo: Todo, settings: EvalSettings) -> Iterator[dict[str, Any]]:
-        specs = {spec.label: spec for _, _, spec in todo}
-        verifiers = _verifiers(self.pair, todo, settings)
+        specs = _methods(todo)
+        verifiers = _verifiers(self.pair, specs, settings)
         _warm_up(self.pair, todo[0][1], specs, verifiers, settings)
         for example, ids, spec in todo:
             config = settings.generation_config(task, example.id)
@@ -153,7 +153,7 @@ class LockstepRows(EngineRows):
 
     def rows(self, task: Task, todo: Todo, settings: EvalSettings) -> Iterator[dict[str, Any]]:
         check_lockstep(self.pair, settings.generation_config(task, ""))
-        verifiers = _verifiers(self.pair, todo, settings)
+        verifiers = _verifiers(self.pair, _methods(todo), settings)
         rows = [LockstepRow((example, spec), tuple(ids), verifiers[spec.label], spec.label, example_seed(settings.seed, example.id))
                 for example, ids, spec in todo]
         for row, result in lockstep_generate(self.pair, rows, settings.generation_config(task, ""), batch_size=self.batch_size):
@@ -161,8 +161,12 @@ class LockstepRows(EngineRows):
             yield eval_row(task, example, spec, row.seed, result) | {"lockstep": True}
 
 
-def _verifiers(pair: ModelPair, todo: Todo, settings: EvalSettings) -> dict[str, Any]:
-    specs = {spec.label: spec for _, _, spec in todo}
+def _methods(todo: Todo) -> dict[str, MethodSpec]:
+    """The methods `todo` runs, by label."""
+    return {spec.label: spec for _, _, spec in todo}
+
+
+def _verifiers(pair: ModelPair, specs: dict[str, MethodSpec], settings: EvalSettings) -> dict[str, Any]:
     return {label: build_verifier(pair, spec, settings.proposer) for label, spec in specs.items()}
 
 
