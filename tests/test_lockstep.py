@@ -205,3 +205,37 @@ def test_lockstep_settles_auto_on_the_batching_backend():
     args = argparse.Namespace(target=None, draft=None, dtype=None, device="cpu", backend="auto")
     assert resolve_backend(args, batched=True) == batch_backend().name
     assert args.backend_reason == f"auto: {batch_backend().name}, the backend that decodes batches" and args.dtype is not None
+
+
+def test_rows_that_join_a_running_batch_make_the_tokens_they_make_alone(small_pair):
+    """As rows finish, waiting rows take their places (prefilled, their caches padded to the
+    batch's); each row's tokens and counts are those it makes in a batch of its own, and a
+    later row really finished before an earlier one (it joined a running batch)."""
+    config = GenerationConfig(max_new_tokens=10, draft_length=2, sampling=PARAMS, stop=("a",), ignore_eos=True)
+    prompts = [tuple(PREFIX), tuple(PREFIX[:2]), tuple(PREFIX[1:]), tuple(PREFIX[:1])]
+    verifiers = [Exact(), StaticEnsemble(weight=0.5), None]
+    rows = [LockstepRow(i, prompts[i % 4], verifiers[i % 3], "m", 100 + i) for i in range(24)]
+    alone = {row.key: result for row in rows for _, result in lockstep_generate(small_pair, [row], config, batch_size=1)}
+    order = []
+    for row, result in lockstep_generate(small_pair, rows, config, batch_size=4):
+        order.append(row.key)
+        assert result.token_ids == alone[row.key].token_ids
+        assert result.metrics.to_dict() == alone[row.key].metrics.to_dict() | {"estimated_bias": pytest.approx(alone[row.key].metrics.estimated_bias)}
+        assert result.finish_reason == alone[row.key].finish_reason
+    assert sorted(order) == list(range(24))
+    assert any(order.index(later) < order.index(first) for first in range(4) for later in range(4, 24))
+
+
+def test_rows_join_in_whole_runs_of_a_shared_prompt():
+    """A prompt's adjacent rows join together (one prefill); only an empty batch splits a run."""
+    from collections import deque
+
+    from diversed.evaluate.lockstep import _take
+
+    rows = [LockstepRow(i, (i // 3,), None, "ar", i) for i in range(7)]  # runs of 3, 3 and 1 rows
+    waiting = deque(rows)
+    assert [row.key for row in _take(waiting, 5, into_empty=False)] == [0, 1, 2]
+    assert [row.key for row in _take(waiting, 2, into_empty=False)] == []
+    assert [row.key for row in _take(waiting, 2, into_empty=True)] == [3, 4]
+    assert [row.key for row in _take(waiting, 9, into_empty=False)] == [5, 6]
+    assert not waiting

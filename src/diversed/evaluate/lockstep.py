@@ -25,6 +25,7 @@ engine does, so a round that runs past one is cut the same way.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -92,57 +93,119 @@ def check_lockstep(pair: ModelPair, config: GenerationConfig) -> None:
 def lockstep_generate(
     pair: ModelPair, rows: Sequence[LockstepRow], config: GenerationConfig, *, batch_size: int = 16
 ) -> Iterator[tuple[LockstepRow, GenerationResult]]:
-    """Generate every row, `batch_size` rows at a time; yield (row, result) as each finishes.
+    """Generate every row, up to `batch_size` rows at once; yield (row, result) as each finishes.
 
-    Rows are batched in the order given, so rows that share a prompt should be adjacent: each
-    batch prefills a distinct prompt once and copies its cache to the rows that use it.
-    `config.seed` is ignored; each row brings its own.
+    Rows join in the order given, and as rows finish, waiting rows take their places, so the
+    batch stays nearly full (a CPU's matrix products cost less per row in a fuller batch). Rows
+    that share a prompt should be adjacent: they join together, prefill their prompt once and
+    copy its cache. `config.seed` is ignored; each row brings its own, so
+    which rows share its batch changes a row's rounding, never its law.
     """
     check_lockstep(pair, config)
     if batch_size < 1:
         raise UserInputError(f"the lockstep batch size must be at least 1, not {batch_size}")
-    for start in range(0, len(rows), batch_size):
-        yield from _run_batch(pair, rows[start : start + batch_size], config)
+    waiting = deque(rows)
+    # Each join copies the whole cache once, so wait until a few places are free.
+    refill_at = max(1, batch_size // 8)
+    batch = _Batch(pair, config)
+    while waiting or batch.states:
+        free = batch_size - len(batch.states)
+        joining = _take(waiting, free, into_empty=not batch.states) if waiting and free >= min(refill_at, len(waiting)) else []
+        if joining:
+            batch.join(joining)
+        yield from batch.step()
 
 
-@torch.inference_mode()
-def _run_batch(pair: ModelPair, rows: Sequence[LockstepRow], config: GenerationConfig) -> Iterator[tuple[LockstepRow, GenerationResult]]:
-    params, device = config.sampling, pair.device
-    eos = set() if config.ignore_eos else set(pair.eos_token_ids)
-    policy = FixedDraftLength(int(config.draft_length))
-    prompts = list(dict.fromkeys(row.prompt_ids for row in rows))  # distinct prompts, in order
-    ids, mask, positions = left_pad(prompts, device)  # [P, L] each
-    copies = torch.tensor([prompts.index(row.prompt_ids) for row in rows], device=device)  # [B] prompt of each row
-    models = [pair.batch("target"), pair.batch("draft")]
-    outputs = [model.feed(ids, mask, positions) for model in models]  # prefill: (logits [P, V], hidden [P, H]) per model
-    for model in models:
-        model.keep(copies)  # one cached copy of its prompt per row
-    outputs = [(logits[copies], hidden[copies]) for logits, hidden in outputs]  # [B, V], [B, H]
-    mask, positions = mask[copies], positions[copies][:, -1:]  # [B, L], [B, 1]
-    states = [_RowState(row, make_generator(row.seed), IncrementalText(pair.tokenizer)) for row in rows]
-    while True:
-        (target_logits, target_hidden), (draft_logits, draft_hidden) = outputs
+def _take(waiting: deque[LockstepRow], free: int, *, into_empty: bool) -> list[LockstepRow]:
+    """The waiting rows that join now: whole runs of adjacent rows that share a prompt, as many
+    as fit in `free` places (so a prompt is prefilled once, not once per join); into an empty
+    batch, the first `free` rows however they split."""
+    taken: list[LockstepRow] = []
+    while waiting:
+        run = 1
+        while run < len(waiting) and waiting[run].prompt_ids == waiting[0].prompt_ids:
+            run += 1
+        if len(taken) + run > free:
+            break
+        taken += [waiting.popleft() for _ in range(run)]
+    if not taken and into_empty:
+        taken = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+    return taken
+
+
+class _Batch:
+    """The rows decoding together, each model's KV cache over them, and each row's next-token outputs.
+
+    Caches are left-padded: `mask` [A, cached] marks each row's real positions (0 = padding)
+    and `positions` [A, 1] each row's last position.
+    """
+
+    def __init__(self, pair: ModelPair, config: GenerationConfig):
+        self.pair, self.config = pair, config
+        self.eos = set() if config.ignore_eos else set(pair.eos_token_ids)
+        self.policy = FixedDraftLength(int(config.draft_length))
+        self.states: list[_RowState] = []
+
+    @torch.inference_mode()
+    def join(self, rows: Sequence[LockstepRow]) -> None:
+        """Prefill `rows`' distinct prompts once each and append the rows to the batch."""
+        pair, device = self.pair, self.pair.device
+        prompts = list(dict.fromkeys(row.prompt_ids for row in rows))  # distinct prompts, in order
+        ids, mask, positions = left_pad(prompts, device)  # [P, L] each
+        copies = torch.tensor([prompts.index(row.prompt_ids) for row in rows], device=device)  # [B] prompt of each row
+        models = [pair.batch("target"), pair.batch("draft")]
+        outputs = [model.feed(ids, mask, positions) for model in models]  # prefill: (logits [P, V], hidden [P, H]) per model
+        for model in models:
+            model.keep(copies)  # one cached copy of its prompt per row
+        outputs = [(logits[copies], hidden[copies]) for logits, hidden in outputs]  # [B, V], [B, H]
+        mask, positions = mask[copies], positions[copies][:, -1:]  # [B, L], [B, 1]
+        states = [_RowState(row, make_generator(row.seed), IncrementalText(pair.tokenizer)) for row in rows]
+        if not self.states:
+            self.models, self.outputs, self.mask, self.positions, self.states = models, outputs, mask, positions, states
+            return
+        padding = int((self.mask.cumsum(-1) == 0).all(0).sum())  # leading positions no row attends to any more
+        for mine, theirs in zip(self.models, models):
+            mine.drop_front(padding)
+            mine.absorb(theirs)
+        self.mask = _join_masks(self.mask[:, padding:], mask)
+        self.positions = torch.cat([self.positions, positions])
+        self.outputs = [(torch.cat([a, c]), torch.cat([b, d])) for (a, b), (c, d) in zip(self.outputs, outputs)]
+        self.states += states
+
+    @torch.inference_mode()
+    def step(self) -> Iterator[tuple[LockstepRow, GenerationResult]]:
+        """Every row emits one token; yield the rows that finish, and feed the rest's tokens."""
+        params, config = self.config.sampling, self.config
+        (target_logits, target_hidden), (draft_logits, draft_hidden) = self.outputs
         p = logits_to_probs(target_logits, params)  # [A, V]
         q = logits_to_probs(draft_logits, params)  # [A, V]
-        tokens = _step(states, p, q, target_hidden, draft_hidden, policy, config)  # [A]
-        for state, token in zip(states, tokens):
-            _commit(state, token, eos, config)
-        finished = [state.finish_reason is not None for state in states]
-        for state, done in zip(states, finished):
+        tokens = _step(self.states, p, q, target_hidden, draft_hidden, self.policy, config)  # [A]
+        for state, token in zip(self.states, tokens):
+            _commit(state, token, self.eos, config)
+        finished = [state.finish_reason is not None for state in self.states]
+        for state, done in zip(self.states, finished):
             if done:
                 yield state.row, _result(state, config)
         if all(finished):
+            self.states = []
             return
         if any(finished):  # finished rows leave the batch
-            keep = torch.tensor([i for i, done in enumerate(finished) if not done], device=device)  # [A']
-            for model in models:
+            keep = torch.tensor([i for i, done in enumerate(finished) if not done], device=self.pair.device)  # [A']
+            for model in self.models:
                 model.keep(keep)
-            states = [state for state, done in zip(states, finished) if not done]
-            tokens, mask, positions = [tokens[i] for i in keep.tolist()], mask[keep], positions[keep]
-        mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=-1)  # [A, cached + 1]
-        positions = positions + 1  # [A, 1]
-        step_ids = torch.tensor(tokens, device=device)[:, None]  # [A, 1]
-        outputs = [model.feed(step_ids, mask, positions) for model in models]
+            self.states = [state for state, done in zip(self.states, finished) if not done]
+            tokens, self.mask, self.positions = [tokens[i] for i in keep.tolist()], self.mask[keep], self.positions[keep]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.states), 1)], dim=-1)  # [A, cached + 1]
+        self.positions = self.positions + 1  # [A, 1]
+        step_ids = torch.tensor(tokens, device=self.pair.device)[:, None]  # [A, 1]
+        self.outputs = [model.feed(step_ids, self.mask, self.positions) for model in self.models]
+
+
+def _join_masks(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Masks [A, L1] and [B, L2] as one [A + B, max(L1, L2)], the shorter left-padded with 0."""
+    length = max(first.shape[1], second.shape[1])
+    pad = lambda mask: torch.nn.functional.pad(mask, (length - mask.shape[1], 0))  # noqa: E731
+    return torch.cat([pad(first), pad(second)])
 
 
 def _step(states: list[_RowState], p, q, target_hidden, draft_hidden, policy: FixedDraftLength, config: GenerationConfig) -> list[int]:

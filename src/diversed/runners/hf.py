@@ -57,7 +57,7 @@ class TorchRunner:
 
 
 class TorchBatch:
-    """A causal LM decoding a left-padded batch with one KV cache; rows can leave the batch or be copied.
+    """A causal LM decoding a left-padded batch with one KV cache; rows can leave, be copied or join.
 
     Batched decoding for training rollouts and lockstep evaluation (torch only).
     """
@@ -86,6 +86,24 @@ class TorchBatch:
     def repeat(self, repeats: int) -> None:
         """Copy every cached row `repeats` times, copies next to each other: [A] -> [A * repeats]."""
         self.cache.batch_repeat_interleave(repeats)
+
+    def absorb(self, other: "TorchBatch") -> None:
+        """Append `other`'s cached rows after these: [A] + [B] -> [A + B]. The shorter cache is
+        left-padded with zeros to the longer one's length; the caller's mask hides them (0)."""
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            length = max(mine.keys.shape[-2], theirs.keys.shape[-2])
+            mine.keys = torch.cat([_left_pad_positions(mine.keys, length), _left_pad_positions(theirs.keys, length)])
+            mine.values = torch.cat([_left_pad_positions(mine.values, length), _left_pad_positions(theirs.values, length)])
+
+    def drop_front(self, positions: int) -> None:
+        """Forget the first `positions` cached positions of every row (padding no row attends to)."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., positions:, :], layer.values[..., positions:, :]
+
+
+def _left_pad_positions(states: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, heads, T, D] -> [B, heads, length, D], zeros in front."""
+    return torch.nn.functional.pad(states, (0, 0, length - states.shape[-2], 0))
 
 
 def resolve_device(device: str) -> torch.device:
