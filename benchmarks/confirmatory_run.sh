@@ -3,11 +3,12 @@
 # resumes where it stopped (finished rows are never generated again), so run this again in each
 # session until it prints "all parts done". Usage, from the repository root:
 #   DIVERSED_DATA_DIR=../shared/data nohup benchmarks/confirmatory_run.sh > runs/confirmatory.log 2>&1 &
-# BATCH (default 32) is the lockstep batch size; it changes bf16 rounding only, never the law.
+# BATCH (default 64, the fastest in benchmarks/lockstep.py's table on the 2-core AVX2 machine of
+# part 5; see runs.md) is the lockstep batch size; it changes rounding only, never the law.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/results/confirmatory
-batch=${BATCH:-32}
+batch=${BATCH:-64}
 common=(--seed 20261203 --temperature 1 --draft-length 5 --backend torch --dtype float32 --lockstep "$batch")
 planned=exact,static:0.9,static:0.7,static:0.5,static:0.3,cascade:opt:0,cascade:opt:0.3,klgate:1
 judge=judge:docs/results/gsm8k-issue15/judge-gsm8k-flip.json:0.5

@@ -10,6 +10,12 @@ one token per row:
 
     python benchmarks/lockstep.py --data-dir ../shared/data --batch-sizes 16,32,64,96,128
 
+With `--whole P` it instead generates P prompts' rows end to end, as eval does (real stops, up to
+--max-new-tokens), once in separate batches (rows never join a running batch) and once with
+refilling, at each batch size, and prints row-tokens per second of each:
+
+    python benchmarks/lockstep.py --data-dir ../shared/data --batch-sizes 32,64 --whole 16
+
 Prompts come from the task's validation split (never the confirmatory examples). Memory grows
 with the batch (the float32 pair plus a KV cache per row): watch `free -g` past 128.
 """
@@ -20,28 +26,22 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from diversed.generation import encode_prompt
+from diversed.calibration import machine_summary
+from diversed.engine import GenerationConfig
+from diversed.evaluate.lockstep import LockstepRow, lockstep_generate
+from diversed.generation import MethodSpec, build_verifier, encode_prompt
 from diversed.models import load_pair
 from diversed.runners.base import left_pad
+from diversed.sampling import SamplingParams
 from diversed.tasks import get_task
 
-ROWS_PER_PROMPT = 8  # the confirmatory plan's eight methods
-
-
-def cpu_flags() -> str:
-    """The CPU's model name and the vector flags that matter to matrix products (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    wanted = [f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}]
-    return f"{name} ({' '.join(wanted)})"
+METHODS = "exact,static:0.9,static:0.7,static:0.5,static:0.3,cascade:opt:0,cascade:opt:0.3,klgate:1"  # the confirmatory plan's
+ROWS_PER_PROMPT = len(METHODS.split(","))
 
 
 @torch.inference_mode()
@@ -70,12 +70,40 @@ def measure(pair, prompts: list[list[int]], size: int, steps: int) -> tuple[floa
     return prefill, statistics.median(seconds[0][1:]), statistics.median(seconds[1][1:])
 
 
+def timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def whole(pair, task, prompts: list[list[int]], sizes: list[int], max_new_tokens: int) -> None:
+    """Row-tokens per second of the same rows, in separate batches and refilled, at each size."""
+    specs = [MethodSpec.parse(label) for label in METHODS.split(",")]
+    verifiers = {spec.label: build_verifier(pair, spec) for spec in specs}
+    config = GenerationConfig(max_new_tokens, 5, SamplingParams(temperature=1.0), stop=task.stop(False))
+    rows = [LockstepRow(None, tuple(prompt), verifiers[spec.label], spec.label, seed)
+            for seed, prompt in enumerate(prompts) for spec in specs]
+    list(lockstep_generate(pair, rows[:ROWS_PER_PROMPT], replace(config, max_new_tokens=2), batch_size=ROWS_PER_PROMPT))  # one-time costs
+    print("| batch | rows | row-tokens | separate batches s | refilled s | row-tokens/s separate | refilled | refilled vs separate |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in sizes:
+        tokens: list[int] = []
+        separate = timed(lambda: [tokens.append(len(result.token_ids)) for start in range(0, len(rows), size)
+                                  for _, result in lockstep_generate(pair, rows[start : start + size], config, batch_size=size)])
+        refilled = timed(lambda: list(lockstep_generate(pair, rows, config, batch_size=size)))
+        total = sum(tokens)
+        print(f"| {size} | {len(rows)} | {total} | {separate:.0f} | {refilled:.0f} | {total / separate:.1f} | {total / refilled:.1f} "
+              f"| {separate / refilled:.2f}× |", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--task", default="mbpp")
     parser.add_argument("--batch-sizes", default="16,32,64,128", help=f"rows per batch ({ROWS_PER_PROMPT} rows a prompt)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per batch size (the median is printed)")
+    parser.add_argument("--whole", type=int, metavar="P", help="generate P prompts' rows end to end instead (see above)")
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="with --whole")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--target")
     parser.add_argument("--draft")
@@ -84,10 +112,13 @@ def main() -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     pair = load_pair(args.target, args.draft, args.dtype, backend="torch")
     task = get_task(args.task)
-    count = -(-max(sizes) // ROWS_PER_PROMPT)
+    count = args.whole or -(-max(sizes) // ROWS_PER_PROMPT)
     prompts = [encode_prompt(pair, task.prompt(example)) for example in task.load("validation", count, args.data_dir)]
-    print(f"{cpu_flags()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}; {args.task} validation prompts, "
+    print(f"{machine_summary()}; {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}; {args.task} validation prompts, "
           f"{ROWS_PER_PROMPT} rows each")
+    if args.whole:
+        whole(pair, task, prompts, sizes, args.max_new_tokens)
+        return 0
     print("| rows | prompts (tokens, padded to) | prefill s | target step s | draft step s | ms a row-token | vs first row |")
     print("|---|---|---|---|---|---|---|")
     baseline = None

@@ -12,7 +12,8 @@ same law as in `engine.decode`, and the counts in `Metrics` mean the same
 both against it).
 
 What it buys: a batch of rows shares one forward pass per token (`ModelPair.batch`),
-and the rows of one prompt share its prefill, so an evaluation of many methods runs several
+waiting rows take the places of finished ones (the batch stays full), and the rows of one
+prompt share its prefill, so an evaluation of many methods runs several
 times faster on a CPU than generation by generation. What it cannot say: speed. Every token
 costs a step of both models, so rows carry no seconds (`lockstep: true` in eval rows) and
 summaries leave their timing empty.
@@ -98,8 +99,8 @@ def lockstep_generate(
     Rows join in the order given, and as rows finish, waiting rows take their places, so the
     batch stays nearly full (a CPU's matrix products cost less per row in a fuller batch). Rows
     that share a prompt should be adjacent: they join together, prefill their prompt once and
-    copy its cache. `config.seed` is ignored; each row brings its own, so
-    which rows share its batch changes a row's rounding, never its law.
+    copy its cache. `config.seed` is ignored; each row brings its own, so the rows beside it
+    change a row's rounding, never its law.
     """
     check_lockstep(pair, config)
     if batch_size < 1:
