@@ -2,36 +2,48 @@
 
 Reads the plan (plan.json beside PLAN.md) and each task's `rows.jsonl`, and writes:
 
-- `results.md`: coverage of the planned cells, the placement table against the static line
-  (H1), the non-inferiority table against `exact` (H2), Holm-adjusted, the power each test
-  had, and the default chosen by the written rule;
+- `results.md`: the plan's commits against the first rows', coverage of the planned cells,
+  the placement table against the static line (H1), the non-inferiority table against
+  `exact` (H2), Holm-adjusted, the power each test had, the default chosen by the written
+  rule, and then the secondary (HumanEval's seen and all problems) and exploratory figures;
 - `results.json`: the same figures; its `non_inferiority` table is what
-  tests/test_default_rule.py checks the code's default against.
+  tests/test_default_rule.py checks the code's default against;
+- `pareto-TASK.png`: quality against acceptance over each task's primary examples.
 
 While any planned cell is missing, only the coverage is written (the plan allows no interim
-look at the primary statistics) and the rule sees no passing method.
+look at the primary statistics) and the rule sees no passing method. The plan rescores every
+pass@1 row with the final sandbox before the analysis: once the cells are filled, `--rescore`
+does that (and records it in TASK/rescored.json), and the analysis waits for it.
 
-    DIVERSED_DATA_DIR=../shared/data python benchmarks/confirmatory.py
+    DIVERSED_DATA_DIR=../shared/data python benchmarks/confirmatory.py [--rescore --jobs 2]
     python benchmarks/confirmatory.py --planning docs/results/gsm8k-issue15-100 ...   # power from earlier rows
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import subprocess
 import sys
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from statistics import NormalDist
 
 from scipy import stats
 
-from diversed.evaluate import load_rows, mean_ci
+from diversed.evaluate import ROWS_FILE, SETTINGS_FILE, EvalSettings, load_rows, mean_ci, plot_eval, read_settings, summarize
 from diversed.methods import static_line_weight
+from diversed.run_files import atomic_write_text
+from diversed.tasks import get_task
+from confirmatory_report import markdown
+from rescore import rescore_folder
 from static_line import acceptance, place
 
 FOLDER = Path(__file__).resolve().parents[1] / "docs" / "results" / "confirmatory"
+RESCORED_FILE = "rescored.json"
 Z = NormalDist()
 
 
@@ -107,11 +119,67 @@ def analyse_task(grouped: dict[str, dict[str, dict]], plan: dict) -> dict:
             "acceptance": {label: acceptance(rows) for label, rows in grouped.items()}}
 
 
-def planned_ids(task_name: str, spec: dict, data_dir: str | None, primary: bool) -> list[str]:
-    from diversed.tasks import get_task
+def planned_examples(task_name: str, spec: dict, data_dir: str | None, primary: bool) -> list:
+    """A task's planned examples: all of them, or the primary ones (all, where the plan names no primary part)."""
+    offset, n = (spec.get("primary_offset", spec["offset"]), spec.get("primary_n", spec["n"])) if primary else (spec["offset"], spec["n"])
+    return get_task(task_name).load("test", n, data_dir, offset=offset)
 
-    offset, n = (spec["primary_offset"], spec["primary_n"]) if primary else (spec["offset"], spec["n"])
-    return [example.id for example in get_task(task_name).load("test", n, data_dir, offset=offset)]
+
+def planned_ids(task_name: str, spec: dict, data_dir: str | None, primary: bool) -> list[str]:
+    return [example.id for example in planned_examples(task_name, spec, data_dir, primary)]
+
+
+def git(folder: Path, *args: str) -> list[str]:
+    """Lines of a git command run in `folder` (none where git or the history is missing)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in done.stdout.splitlines() if line]
+
+
+def provenance(folder: Path, plan: dict) -> dict:
+    """The plan's commits and the first commit of any rows, oldest first (issue 23: the plan precedes every row)."""
+    plan_commits = git(folder, "log", "--reverse", "--format=%h %cI", "--", "PLAN.md", "plan.json")
+    rows_commits = git(folder, "log", "--reverse", "--format=%h %cI", "--", *(f"{t}/{ROWS_FILE}" for t in plan["tasks"]))
+    first_rows = rows_commits[0] if rows_commits else None
+    when = lambda line: datetime.fromisoformat(line.split()[1])  # noqa: E731
+    precedes = None if not plan_commits or first_rows is None else max(map(when, plan_commits)) < when(first_rows)
+    return {"plan_commits": plan_commits, "first_rows_commit": first_rows, "plan_precedes_rows": precedes}
+
+
+def rows_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def code_tasks(plan: dict) -> list[str]:
+    """The planned tasks scored by running code (the sandbox's verdict), which the plan rescores."""
+    return [t for t in plan["tasks"] if hasattr(get_task(t), "run_checks")]
+
+
+def rescore_planned(plan: dict, folder: Path, data_dir: str | None, jobs: int) -> None:
+    """The plan's rescoring: every pass@1 row scored again by today's sandbox, recorded in TASK/rescored.json."""
+    for task_name in code_tasks(plan):
+        task_folder = folder / task_name
+        rows, changed = rescore_folder(task_folder, data_dir, jobs, write=True)
+        commit = git(folder, "rev-parse", "--short", "HEAD")
+        record = {"sandbox_commit": commit[0] if commit else None, "rows": len(rows), "rows_sha256": rows_digest(task_folder / ROWS_FILE),
+                  "changed": [{"example_id": e, "method": m, "old": old, "new": new, "reason": why} for e, m, old, new, why in changed]}
+        atomic_write_text(task_folder / RESCORED_FILE, json.dumps(record, indent=1) + "\n")
+        print(f"{task_name}: rescored {len(rows)} rows, {len(changed)} changed", file=sys.stderr)
+
+
+def rescoring(plan: dict, folder: Path) -> tuple[dict, list[str]]:
+    """(the rescoring records, tasks whose rows changed since their rescoring or never were rescored)."""
+    records, stale = {}, []
+    for task_name in code_tasks(plan):
+        path = folder / task_name / RESCORED_FILE
+        record = json.loads(path.read_text()) if path.is_file() else None
+        if record is None or record["rows_sha256"] != rows_digest(folder / task_name / ROWS_FILE):
+            stale.append(task_name)
+        else:
+            records[task_name] = record
+    return records, stale
 
 
 def coverage(plan: dict, rows_root: Path, data_dir: str | None) -> dict[str, dict]:
@@ -131,9 +199,12 @@ def coverage(plan: dict, rows_root: Path, data_dir: str | None) -> dict[str, dic
 
 def analyse(plan: dict, rows_root: Path, data_dir: str | None) -> dict:
     cover = coverage(plan, rows_root, data_dir)
-    result: dict = {"coverage": cover, "complete": all(not c["missing_examples"] for c in cover.values())}
+    result: dict = {"provenance": provenance(rows_root, plan), "coverage": cover,
+                    "complete": all(not c["missing_examples"] for c in cover.values())}
     tasks = list(plan["tasks"])
-    if not result["complete"]:
+    if result["complete"]:
+        result["rescoring"], result["needs_rescoring"] = rescoring(plan, rows_root)
+    if not result["complete"] or result["needs_rescoring"]:
         result["non_inferiority"] = {}
         result["default"] = rule_default({}, {}, tasks)
         return result
@@ -160,35 +231,60 @@ def analyse(plan: dict, rows_root: Path, data_dir: str | None) -> dict:
     non_inferior = {m: {t: per_task[t]["h2"][m]["non_inferior"] for t in tasks} for m in plan["relaxed"]}
     acceptances = {m: {t: per_task[t]["h2"][m]["acceptance"] for t in tasks} for m in plan["relaxed"]}
     result |= {"tasks": per_task, "non_inferiority": non_inferior, "acceptance": acceptances,
-               "default": rule_default(non_inferior, acceptances, tasks)}
+               "default": rule_default(non_inferior, acceptances, tasks),
+               "secondary": secondary(plan, rows_root, data_dir), "exploratory": exploratory(plan, rows_root, data_dir)}
     return result
 
 
-def markdown(result: dict, plan: dict) -> str:
-    lines = ["# Confirmatory evaluation: results", "", "Written by `benchmarks/confirmatory.py` from the rows in this folder; the plan is PLAN.md.", "",
-             "## Coverage", "", "| task | planned cells | filled | examples still missing |", "|---|---|---|---|"]
-    for task, c in result["coverage"].items():
-        lines.append(f"| {task} | {c['planned']} | {c['filled']} | {len(c['missing_examples'])} |")
-    if not result["complete"]:
-        lines += ["", "Not every planned cell is filled: by the plan, no primary statistic is shown yet.",
-                  f"The rule therefore sees no non-inferior method, and the default is `{result['default']}`.", ""]
-        return "\n".join(lines)
-    lines += ["", "## H1: cascade:opt:0.3 against the static line (paired, one-sided t; Holm over 3)", "",
-              "| task | n | acceptance | bracket | minus the line | 95% CI (bootstrap) | p | p (Holm) | verdict | detectable at 80% | n for the observed effect |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for task, r in result["tasks"].items():
-        h = r["h1"]
-        lines.append(f"| {task} | {h['n']} | {h['acceptance']:.1%} | {h['low']}–{h['high']} | {h['mean']:+.3f} | {h['ci_95'][0]:+.3f} to {h['ci_95'][1]:+.3f} "
-                     f"| {h['p']:.4f} | {h['p_holm']:.4f} | {h['verdict']} | {h['detectable']:.3f} | {h['n_needed_for_observed'] or '–'} |")
-    lines += ["", f"## H2: non-inferiority to exact (margin {plan['non_inferiority_margin']}; one-sided t; Holm over {len(plan['relaxed']) * len(result['tasks'])})", "",
-              "| method | " + " | ".join(f"{t}: acceptance, minus exact (lower 95%), p Holm" for t in result["tasks"]) + " | non-inferior everywhere |",
-              "|---|" + "---|" * (len(result["tasks"]) + 1)]
-    for m in plan["relaxed"]:
-        cells = [f"{r['h2'][m]['acceptance']:.1%}, {r['h2'][m]['mean']:+.3f} ({r['h2'][m]['lower_95']:+.3f}), {r['h2'][m]['p_holm']:.3f}{' ✓' if r['h2'][m]['non_inferior'] else ''}"
-                 for r in result["tasks"].values()]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'yes' if all(result['non_inferiority'][m].values()) else 'no'} |")
-    lines += ["", f"## The default by the written rule: `{result['default']}`", ""]
-    return "\n".join(lines)
+def secondary(plan: dict, rows_root: Path, data_dir: str | None) -> dict:
+    """Tasks whose primary examples are a part of the run (HumanEval): the seen part and the whole, unadjusted."""
+    figures = {}
+    for task_name, spec in plan["tasks"].items():
+        everything = planned_ids(task_name, spec, data_dir, primary=False)
+        primary = set(planned_ids(task_name, spec, data_dir, primary=True))
+        if set(everything) == primary:
+            continue
+        rows = load_rows(rows_root / task_name / ROWS_FILE)
+        parts = {"seen before": {i for i in everything if i not in primary}, "all": set(everything)}
+        figures[task_name] = {part: analyse_task(by_method(rows, ids), plan) | {"n": len(ids)} for part, ids in parts.items()}
+    return figures
+
+
+def exploratory(plan: dict, rows_root: Path, data_dir: str | None) -> dict:
+    """Arms and tasks beyond the plan: figures without verdicts, once every example of theirs has rows."""
+    figures: dict = {"arms": {}, "tasks": {}}
+    for task_name, methods in plan.get("exploratory_methods", {}).items():
+        ids = set(planned_ids(task_name, plan["tasks"][task_name], data_dir, primary=True))
+        grouped = by_method(load_rows(rows_root / task_name / ROWS_FILE), ids)
+        statics = {label: acceptance(grouped[label]) for label in plan["static_line"]}
+        for method in methods:
+            have = len(grouped.get(method, {}))
+            figure = {"task": task_name, "examples": have, "planned": len(ids)}
+            if have == len(ids):
+                vs_exact = [grouped[method][i]["score"] - grouped[plan["reference"]][i]["score"] for i in ids]
+                placed = place(grouped[method], grouped, statics)
+                figure |= {"acceptance": placed["acceptance"], "quality": placed["quality"], "minus_exact": one_sided_t(vs_exact, 0.0),
+                           "minus_line": one_sided_t(placed["differences"], 0.0) | {k: placed[k] for k in ("low", "high")}}
+            figures["arms"][method] = figure
+    for task_name, spec in plan.get("exploratory_tasks", {}).items():
+        path = rows_root / task_name / ROWS_FILE
+        ids = set(planned_ids(task_name, spec, data_dir, primary=True))
+        grouped = by_method(load_rows(path) if path.is_file() else [], ids)
+        have = min(len(grouped.get(m, {})) for m in [plan["reference"], *plan["relaxed"]])
+        figures["tasks"][task_name] = {"examples": have, "planned": len(ids)} | (analyse_task(grouped, plan) if have == len(ids) else {})
+    return figures
+
+
+def pareto_plots(plan: dict, rows_root: Path, data_dir: str | None) -> None:
+    """pareto-TASK.png: quality against acceptance on each task's primary examples (exploratory arms included)."""
+    for task_name, spec in [*plan["tasks"].items(), *plan.get("exploratory_tasks", {}).items()]:
+        path = rows_root / task_name / ROWS_FILE
+        if not path.is_file():
+            continue
+        examples = planned_examples(task_name, spec, data_dir, primary=True)
+        labels = [plan["reference"], *plan["relaxed"], *plan.get("exploratory_methods", {}).get(task_name, [])]
+        settings = EvalSettings(**read_settings(rows_root / task_name / SETTINGS_FILE))
+        plot_eval(summarize(get_task(task_name), examples, labels, load_rows(path), settings), rows_root / f"pareto-{task_name}.png")
 
 
 def planning(folders: list[str], plan: dict) -> None:
@@ -219,15 +315,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", default=str(FOLDER), help="the confirmatory folder: plan.json, and one subfolder of rows per task")
     parser.add_argument("--data-dir", help="task data (default: $DIVERSED_DATA_DIR)")
     parser.add_argument("--planning", nargs="+", metavar="FOLDER", help="only print power from these earlier eval folders")
+    parser.add_argument("--rescore", action="store_true", help="first rescore every pass@1 row with today's sandbox (once every planned cell is filled)")
+    parser.add_argument("--jobs", type=int, default=1, help="programs --rescore runs at a time")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     plan = json.loads((folder / "plan.json").read_text())
     if args.planning:
         planning(args.planning, plan)
         return 0
+    if args.rescore:
+        if not all(not c["missing_examples"] for c in coverage(plan, folder, args.data_dir).values()):
+            print("error: --rescore waits until every planned cell is filled (the plan rescores before the analysis)", file=sys.stderr)
+            return 2
+        rescore_planned(plan, folder, args.data_dir, args.jobs)
     result = analyse(plan, folder, args.data_dir)
     (folder / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (folder / "results.md").write_text(markdown(result, plan) + "\n")
+    if "tasks" in result:
+        pareto_plots(plan, folder, args.data_dir)
     print(markdown(result, plan))
     return 0
 

@@ -17,6 +17,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tqdm import tqdm
+
 from diversed.evaluate import ROWS_FILE, SETTINGS_FILE, load_rows, read_settings
 from diversed.run_files import atomic_write_text, locked_folder
 from diversed.tasks import get_task
@@ -37,11 +39,21 @@ def rescore(folder: Path, data_dir: str | None, jobs: int = 1) -> tuple[list[dic
         return (1.0 if result.passed else 0.0), result.reason
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        scores = list(pool.map(score, rows))
+        scores = list(tqdm(pool.map(score, rows), total=len(rows), desc=f"rescore {folder.name}", unit="row", file=sys.stderr))
     for row, (new, reason) in zip(rows, scores):
         if new != row["score"]:
             changed.append((row["example_id"], row["method"], row["score"], new, reason[:160]))
         row["score"] = new
+    return rows, changed
+
+
+def rescore_folder(folder: Path, data_dir: str | None, jobs: int = 1, write: bool = False) -> tuple[list[dict], list[tuple[str, str, float, float, str]]]:
+    """`rescore` under the folder's lock; with `write`, rows.jsonl gets the new scores (atomically)."""
+    with locked_folder(folder, "rescoring"):
+        rows, changed = rescore(folder, data_dir, jobs)
+        if write and changed:
+            atomic_write_text(folder / ROWS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+            print(f"wrote {folder / ROWS_FILE}", file=sys.stderr)
     return rows, changed
 
 
@@ -55,20 +67,16 @@ def main() -> int:
     before = defaultdict(list)
     for row in load_rows(args.folder / ROWS_FILE):
         before[row["method"]].append(row["score"])
-    with locked_folder(args.folder, "rescoring"):
-        rows, changed = rescore(args.folder, args.data_dir, args.jobs)
-        after = defaultdict(list)
-        for row in rows:
-            after[row["method"]].append(row["score"])
-        print("| method | n | quality before | quality after |\n|---|---|---|---|")
-        for method, scores in before.items():
-            print(f"| {method} | {len(scores)} | {sum(scores) / len(scores):.3f} | {sum(after[method]) / len(after[method]):.3f} |")
-        print(f"\n{len(changed)} row(s) changed" + (":" if changed else ""))
-        for example_id, method, old, new, reason in changed:
-            print(f"  {example_id} {method}: {old:g} -> {new:g}  {reason}")
-        if args.write and changed:
-            atomic_write_text(args.folder / ROWS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
-            print(f"wrote {args.folder / ROWS_FILE}", file=sys.stderr)
+    rows, changed = rescore_folder(args.folder, args.data_dir, args.jobs, args.write)
+    after = defaultdict(list)
+    for row in rows:
+        after[row["method"]].append(row["score"])
+    print("| method | n | quality before | quality after |\n|---|---|---|---|")
+    for method, scores in before.items():
+        print(f"| {method} | {len(scores)} | {sum(scores) / len(scores):.3f} | {sum(after[method]) / len(after[method]):.3f} |")
+    print(f"\n{len(changed)} row(s) changed" + (":" if changed else ""))
+    for example_id, method, old, new, reason in changed:
+        print(f"  {example_id} {method}: {old:g} -> {new:g}  {reason}")
     return 0
 
 
