@@ -23,6 +23,7 @@ with the batch (the float32 pair plus a KV cache per row): watch `free -g` past 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -40,8 +41,9 @@ from diversed.runners.base import left_pad
 from diversed.sampling import SamplingParams
 from diversed.tasks import get_task
 
-METHODS = "exact,static:0.9,static:0.7,static:0.5,static:0.3,cascade:opt:0,cascade:opt:0.3,klgate:1"  # the confirmatory plan's
-ROWS_PER_PROMPT = len(METHODS.split(","))
+PLAN = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "confirmatory" / "plan.json").read_text())
+METHODS = [PLAN["reference"], *PLAN["relaxed"]]  # the confirmatory plan's arms: a prompt's rows
+ROWS_PER_PROMPT = len(METHODS)
 
 
 @torch.inference_mode()
@@ -78,7 +80,7 @@ def timed(work) -> float:
 
 def whole(pair, task, prompts: list[list[int]], sizes: list[int], max_new_tokens: int) -> None:
     """Row-tokens per second of the same rows, in separate batches and refilled, at each size."""
-    specs = [MethodSpec.parse(label) for label in METHODS.split(",")]
+    specs = [MethodSpec.parse(label) for label in METHODS]
     verifiers = {spec.label: build_verifier(pair, spec) for spec in specs}
     config = GenerationConfig(max_new_tokens, 5, SamplingParams(temperature=1.0), stop=task.stop(False))
     rows = [LockstepRow(None, tuple(prompt), verifiers[spec.label], spec.label, seed)

@@ -13,7 +13,7 @@ import torch
 from diversed.engine import GenerationConfig
 from diversed.errors import UserInputError
 from diversed.generation import MethodSpec, generate
-from diversed.proposers import NgramProposer, lookup_continuation, point_masses
+from diversed.proposers import NgramProposer, get_proposer, lookup_continuation, point_masses
 from diversed.sampling import SamplingParams
 from diversed.verifiers import Exact, Lenient, SpeculativeCascade, StaticEnsemble, TypicalAcceptance, induced_distribution
 
@@ -87,6 +87,26 @@ def test_diversed_with_ngram_is_refused(tiny_pair, tmp_path):
         generate(tiny_pair, "hi", MethodSpec("diversed", head=str(head)), GenerationConfig(max_new_tokens=4, proposer="ngram"))
     with pytest.raises(UserInputError, match="proposer"):
         GenerationConfig(proposer="medusa")
+
+
+def test_a_backend_without_hidden_states_is_named_in_the_refusal(tiny_pair, tmp_path):
+    """The model proposer asks the backend (no runner is built); a head that reads hidden states is refused by name."""
+    import dataclasses
+
+    from diversed.head import EnsembleHead, HeadConfig
+    from diversed.runners.hf import TorchBackend
+
+    class LogitsOnlyBackend(TorchBackend):
+        name = "logits-only"
+        returns_hidden_states = False
+
+    draft_model = get_proposer("model")
+    assert draft_model.missing_hidden_states(tiny_pair) is None
+    logits_only = dataclasses.replace(tiny_pair, backend=LogitsOnlyBackend())
+    assert "logits-only backend does not return" in draft_model.missing_hidden_states(logits_only)
+    head = EnsembleHead(HeadConfig(tiny_pair.signature())).save(tmp_path / "head").with_suffix("")
+    with pytest.raises(UserInputError, match="logits-only"):
+        generate(logits_only, "hi", MethodSpec("diversed", head=str(head)), GenerationConfig(max_new_tokens=4))
 
 
 def test_cli_draft_ngram(tiny_model_dirs, tiny_pair, tmp_path):

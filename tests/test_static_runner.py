@@ -124,7 +124,25 @@ def test_static_runner_refuses_to_overflow_its_cache(tiny_pair):
         runner.feed([5, 6], 1)
 
 
-@pytest.mark.parametrize("draft_length", [1, 3, 5, 8])
+def test_the_target_runner_fits_the_longest_verify(static_pair, monkeypatch):
+    """A generation sizes the target's verify block by its longest draft (N + 1), not by N_max."""
+    assert static_pair.runner("target").block_sizes == (1, 2, 9)
+    assert static_pair.runner("target", longest_feed=6).block_sizes == (1, 2, 6)
+    blocks, backend_type = [], type(static_pair.backend)
+    original = backend_type.runner
+
+    def recording(self, model, vocab_size, longest_feed=None):
+        runner = original(self, model, vocab_size, longest_feed)
+        blocks.append((model is static_pair.target, runner.max_block))
+        return runner
+
+    monkeypatch.setattr(backend_type, "runner", recording)
+    generate(static_pair, "count", MethodSpec("exact"), GenerationConfig(max_new_tokens=8, draft_length=5))
+    generate(static_pair, "count", MethodSpec("exact"), GenerationConfig(max_new_tokens=8, draft_length=12))
+    assert [max_block for is_target, max_block in blocks if is_target] == [6, 13]
+
+
+@pytest.mark.parametrize("draft_length", [1, 3, 5, 8, 12])
 def test_exact_greedy_equals_target_greedy_with_the_static_runner(static_pair, draft_length):
     assert type(static_pair.runner("target")) is StaticCacheRunner
     prompt = static_pair.tokenizer("Hello, world", add_special_tokens=False).input_ids

@@ -101,7 +101,7 @@ def measure_seconds(pair, max_tokens: int, repeats: int = REPEATS) -> dict[str, 
         runner.rollback(len(prefix))
         return time.perf_counter() - started
 
-    target = pair.runner("target")
+    target = pair.runner("target", longest_feed=max_tokens)
     target.feed(prefix, 0)
     draft = pair.runner("draft") if pair.draft is not None else None
     if draft is not None:

@@ -197,7 +197,7 @@ class Generation:
         longest_stop = max((len(s) for s in config.stop), default=0)
         hold = max(longest_stop - 1, 0)
         tokens = decode(
-            self.pair.runner("target"),
+            self.pair.runner("target", longest_feed=config.longest_draft + 1),
             self.proposer,
             self.prompt_ids,
             self.verifier,

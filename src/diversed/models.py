@@ -42,9 +42,9 @@ class ModelPair:
             raise UserInputError("this operation needs a draft model")
         return model
 
-    def runner(self, role: str = "target") -> ModelRunner:
-        """A fresh runner (empty KV cache) over the target or the draft."""
-        return self.backend.runner(self._model(role), self.vocab_size)
+    def runner(self, role: str = "target", longest_feed: int | None = None) -> ModelRunner:
+        """A fresh runner (empty KV cache) over the target or the draft (`Backend.runner`)."""
+        return self.backend.runner(self._model(role), self.vocab_size, longest_feed)
 
     def batch(self, role: str = "target") -> Any:
         """A batched decoder over the target or the draft (backends that `can_batch`)."""

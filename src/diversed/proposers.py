@@ -41,9 +41,6 @@ class Proposal:
 
 
 class Proposer(Protocol):
-    #: True when proposals carry hidden states (the dynamic ensemble needs them).
-    has_hidden_states: bool
-
     def prefill(self, tokens: Sequence[int]) -> None:
         """Before the first round: the prompt but its last token."""
 
@@ -64,7 +61,6 @@ class ModelProposer:
         # (Hugging Face's assistant_confidence_threshold); depends on the draft alone, so
         # every verifier keeps its guarantee.
         self.confidence = confidence
-        self.has_hidden_states = runner.has_hidden_states
 
     def prefill(self, tokens: Sequence[int]) -> None:
         pass  # lazy: the first `propose` feeds the whole context, so rounds of N = 0 never pay for it
@@ -95,8 +91,6 @@ class ModelProposer:
 class NgramProposer:
     """Prompt lookup: find the longest suffix n-gram (max_ngram down to min_ngram) that also
     occurs earlier in the context, and propose the tokens that followed its latest occurrence."""
-
-    has_hidden_states = False
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 3, device: torch.device | str = "cpu"):
         if not 1 <= min_ngram <= max_ngram:
@@ -174,7 +168,7 @@ class DraftModelProposer(ProposerKind):
         return measured if measured is not None else 0.0
 
     def missing_hidden_states(self, pair):
-        if pair.draft is None or pair.runner("draft").has_hidden_states:
+        if pair.draft is None or pair.backend.returns_hidden_states:
             return None
         return f"hidden states, which the {pair.backend.name} backend does not return"
 

@@ -17,8 +17,6 @@ class ModelRunner(Protocol):
     what `rollback` dropped); `feed` appends to it.
     """
 
-    #: True when `feed` returns last-layer hidden states (the dynamic ensemble needs them).
-    has_hidden_states: bool
     #: Where returned tensors live (probabilities, heads and sampling generators follow).
     device: torch.device
 
@@ -29,8 +27,8 @@ class ModelRunner(Protocol):
     def feed(self, tokens: Sequence[int] | torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append `tokens` to the cache; outputs of the last `num_logits` positions.
 
-        -> logits [num_logits, V] float32, hidden [num_logits, H] (None when the runner has no
-        hidden states).
+        -> logits [num_logits, V] float32, hidden [num_logits, H] (None where its backend's
+        `returns_hidden_states` is False).
         """
 
     def rollback(self, length: int) -> None:
@@ -61,6 +59,9 @@ class Backend(ABC):
     #: True when `batch(model, vocab_size)` decodes a left-padded batch (lockstep evaluation,
     #: training rollouts); such a backend also returns autograd-ready hidden states.
     can_batch: ClassVar[bool] = False
+    #: True when its runners' `feed` returns last-layer hidden states (the dynamic ensemble and
+    #: a judge fitted on them need the draft's).
+    returns_hidden_states: ClassVar[bool] = True
 
     @abstractmethod
     def unavailable(self, target: str, draft: str | None, device: torch.device) -> str | None:
@@ -75,8 +76,12 @@ class Backend(ABC):
         """The facts of a model this backend loaded."""
 
     @abstractmethod
-    def runner(self, model: Any, vocab_size: int) -> ModelRunner:
-        """A fresh runner (empty KV cache) over a model this backend loaded."""
+    def runner(self, model: Any, vocab_size: int, longest_feed: int | None = None) -> ModelRunner:
+        """A fresh runner (empty KV cache) over a model this backend loaded.
+
+        `longest_feed`: the most tokens one feed after the prompt will carry (a verify: the
+        longest draft + 1), for runners whose shapes are fixed in advance; None: unknown.
+        """
 
     @abstractmethod
     def version(self) -> str:

@@ -18,8 +18,6 @@ DEFAULT_DTYPE = "bfloat16"
 class TorchRunner:
     """A transformers causal LM, its KV cache and how many tokens that cache holds."""
 
-    has_hidden_states = True
-
     def __init__(self, model: Any, vocab_size: int):
         from transformers import DynamicCache
 
@@ -182,7 +180,7 @@ class TorchBackend(Backend):
             str(weights.dtype).removeprefix("torch."),
         )
 
-    def runner(self, model, vocab_size):
+    def runner(self, model, vocab_size, longest_feed=None):
         return TorchRunner(model, vocab_size)
 
     def batch(self, model, vocab_size):

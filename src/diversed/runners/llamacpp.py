@@ -128,7 +128,6 @@ def _free_model(llama_cpp: Any, model: Any, pool: list[Any]) -> None:
 class LlamaCppRunner:
     """One KV cache over a `LlamaCppModel` (the ModelRunner protocol)."""
 
-    has_hidden_states = True
     device = torch.device("cpu")
 
     def __init__(self, model: LlamaCppModel):
@@ -239,7 +238,7 @@ class LlamaCppBackend(Backend):
         return ModelFacts(model.vocab_size, model.hidden_size, model.context_window, frozenset(model.eos_token_ids),
                           torch.device("cpu"), "gguf")
 
-    def runner(self, model, vocab_size):
+    def runner(self, model, vocab_size, longest_feed=None):
         return model.runner()
 
     def version(self):

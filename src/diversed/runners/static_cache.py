@@ -31,7 +31,7 @@ from .base import Backend, token_tensor
 from .hf import TORCH, TorchBackend
 
 DEFAULT_CONTEXT = 4096  # tokens a static cache holds (prompt + generation), as llama.cpp's contexts
-DEFAULT_MAX_BLOCK = 9  # N_max + 1 for the default N_max = 8
+DEFAULT_MAX_BLOCK = 9  # N_max + 1 for the default N_max = 8, when the caller does not say
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
@@ -194,8 +194,6 @@ def graphed_model(model: Any, vocab_size: int, compile_mode: str = "auto") -> Gr
 class StaticCacheRunner:
     """A ModelRunner over a GraphedModel: one borrowed static cache and the length it holds."""
 
-    has_hidden_states = True
-
     def __init__(self, graphed: GraphedModel, max_block: int = DEFAULT_MAX_BLOCK):
         self.graphed = graphed
         self.device = graphed.device
@@ -273,8 +271,10 @@ class StaticCacheBackend(TorchBackend):
         facts = super().facts(model)
         return dataclasses.replace(facts, context_window=min(facts.context_window, DEFAULT_CONTEXT))  # preallocated
 
-    def runner(self, model, vocab_size):
-        return StaticCacheRunner.for_model(model, vocab_size, DEFAULT_MAX_BLOCK)
+    def runner(self, model, vocab_size, longest_feed=None):
+        # One captured block fits a verify exactly: a smaller one sends longer drafts eagerly,
+        # a larger one pads every verify.
+        return StaticCacheRunner.for_model(model, vocab_size, longest_feed or DEFAULT_MAX_BLOCK)
 
     def batch(self, model, vocab_size):
         return Backend.batch(self, model, vocab_size)
