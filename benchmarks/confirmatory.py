@@ -226,11 +226,15 @@ def analyse(plan: dict, rows_root: Path, data_dir: str | None) -> dict:
             h2 = per_task[t]["h2"][m]
             h2["p_holm"] = h2_adjusted[f"{m}|{t}"]
             h2["non_inferior"] = h2["p_holm"] < alpha
-            # Margin plus this: the true difference from exact at which the test passes 80% of the time.
+            # Margin plus this: the true difference from exact at which the test passes 80% of the
+            # time; both figures at the strictest Holm step, so they never flatter the design.
             h2["detectable"] = detectable(h2["sd"], h2["n"], alpha / len(h2_adjusted), plan["power"])
+            h2["n_needed_for_observed"] = needed_n(h2["sd"], h2["mean"] + plan["non_inferiority_margin"], alpha / len(h2_adjusted), plan["power"])
     non_inferior = {m: {t: per_task[t]["h2"][m]["non_inferior"] for t in tasks} for m in plan["relaxed"]}
     acceptances = {m: {t: per_task[t]["h2"][m]["acceptance"] for t in tasks} for m in plan["relaxed"]}
-    result |= {"tasks": per_task, "non_inferiority": non_inferior, "acceptance": acceptances,
+    verdicts = {per_task[t]["h1"]["verdict"] for t in tasks}
+    result |= {"tasks": per_task, "h1_overall": verdicts.pop() if len(verdicts) == 1 else "per task",
+               "non_inferiority": non_inferior, "acceptance": acceptances,
                "default": rule_default(non_inferior, acceptances, tasks),
                "secondary": secondary(plan, rows_root, data_dir), "exploratory": exploratory(plan, rows_root, data_dir)}
     return result

@@ -19,13 +19,16 @@ def markdown(result: dict, plan: dict) -> str:
                   f"Until then no primary statistic is shown, and the default is `{result['default']}`.", ""]
         return "\n".join(lines)
     lines += rescoring_lines(result["rescoring"])
-    lines += ["", "## H1: cascade:opt:0.3 against the static line (paired, one-sided t; Holm over 3)", "",
+    lines += ["", f"## H1: {plan['h1_method']} against the static line (paired, one-sided t; Holm over {len(result['tasks'])})", "",
               "| task | n | acceptance | bracket | minus the line | 95% CI (bootstrap) | p | p (Holm) | verdict | detectable at 80% | n for the observed effect |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in result["tasks"].items():
         h = r["h1"]
         lines.append(f"| {task} | {h['n']} | {h['acceptance']:.1%} | {h['low']}–{h['high']} | {h['mean']:+.3f} | {h['ci_95'][0]:+.3f} to {h['ci_95'][1]:+.3f} "
                      f"| {h['p']:.4f} | {h['p_holm']:.4f} | {h['verdict']} | {h['detectable']:.3f} | {h['n_needed_for_observed'] or '–'} |")
+    overall = result["h1_overall"]
+    lines += ["", f"Overall, H1 is **{overall}**." if overall != "per task" else
+              "Overall, H1 is decided per task: " + "; ".join(f"{t} {r['h1']['verdict']}" for t, r in result["tasks"].items()) + "."]
     lines += ["", f"## H2: non-inferiority to exact (margin {plan['non_inferiority_margin']}; one-sided t; Holm over {len(plan['relaxed']) * len(result['tasks'])})", "",
               "| method | " + " | ".join(f"{t}: acceptance, minus exact (lower 95%), p Holm" for t in result["tasks"]) + " | non-inferior everywhere |",
               "|---|" + "---|" * (len(result["tasks"]) + 1)]
@@ -33,6 +36,13 @@ def markdown(result: dict, plan: dict) -> str:
         cells = [f"{r['h2'][m]['acceptance']:.1%}, {r['h2'][m]['mean']:+.3f} ({r['h2'][m]['lower_95']:+.3f}), {r['h2'][m]['p_holm']:.3f}{' ✓' if r['h2'][m]['non_inferior'] else ''}"
                  for r in result["tasks"].values()]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {'yes' if all(result['non_inferiority'][m].values()) else 'no'} |")
+    margin = plan["non_inferiority_margin"]
+    lines += ["", "Power of each H2 test (at the strictest Holm step): the true difference from exact at which it passes 80% of the time, "
+              "and the examples that would give 80% power at the observed difference (– where that difference is at or below the margin).", "",
+              "| method | " + " | ".join(f"{t}: passes at ≥, n to decide" for t in result["tasks"]) + " |", "|---|" + "---|" * len(result["tasks"])]
+    for m in plan["relaxed"]:
+        lines.append(f"| {m} | " + " | ".join(f"{r['h2'][m]['detectable'] - margin:+.3f}, {r['h2'][m]['n_needed_for_observed'] or '–'}"
+                                              for r in result["tasks"].values()) + " |")
     lines += ["", f"## The default by the written rule: `{result['default']}`", ""]
     lines += secondary_lines(result["secondary"], plan) + exploratory_lines(result["exploratory"], plan)
     return "\n".join(lines)
@@ -55,7 +65,8 @@ def rescoring_lines(records: dict) -> list[str]:
              "| task | sandbox of commit | rows | scores changed |", "|---|---|---|---|"]
     lines += [f"| {task} | {r['sandbox_commit']} | {r['rows']} | {len(r['changed'])} |" for task, r in records.items()]
     changed = [(task, c) for task, r in records.items() for c in r["changed"]]
-    lines += ["", *(f"- {task} {c['example_id']} `{c['method']}`: {c['old']:g} → {c['new']:g} ({c['reason'][:100]})" for task, c in changed[:40])]
+    if changed:
+        lines += ["", *(f"- {task} {c['example_id']} `{c['method']}`: {c['old']:g} → {c['new']:g} ({c['reason'][:100]})" for task, c in changed[:40])]
     if len(changed) > 40:
         lines.append(f"- … and {len(changed) - 40} more (results.json lists them all)")
     return lines

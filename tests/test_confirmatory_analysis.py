@@ -110,7 +110,8 @@ def test_verdicts_holm_and_the_default_follow_the_plan(folder, xsum_cascade, xsu
     arm = result["exploratory"]["arms"]["static:0.1"]
     assert arm["examples"] == 120 and arm["minus_exact"]["mean"] == 0.0
     text = confirmatory.markdown(result, PLAN)
-    for needle in ("## H1", "## H2", "`static:0.3`", "## Secondary", "## Exploratory", "## Rescoring"):
+    assert result["h1_overall"] == "per task" and f"xsum {xsum_verdict}" in text
+    for needle in ("## H1", "## H2", "`static:0.3`", "Power of each H2 test", "## Secondary", "## Exploratory", "## Rescoring"):
         assert needle in text
 
 
