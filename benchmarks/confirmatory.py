@@ -279,16 +279,28 @@ def exploratory(plan: dict, rows_root: Path, data_dir: str | None) -> dict:
     return figures
 
 
+def plotted_methods(plan: dict, task_name: str, rows: list[dict], ids: set[str]) -> list[str]:
+    """The planned arms, and the exploratory ones that have a row for every primary example.
+
+    A partial arm's rows are the examples that finished first (the shorter answers), so its
+    point would not be comparable with the others'.
+    """
+    grouped = by_method(rows, ids)
+    finished = [m for m in plan.get("exploratory_methods", {}).get(task_name, []) if len(grouped.get(m, {})) == len(ids)]
+    return [plan["reference"], *plan["relaxed"], *finished]
+
+
 def pareto_plots(plan: dict, rows_root: Path, data_dir: str | None) -> None:
-    """pareto-TASK.png: quality against acceptance on each task's primary examples (exploratory arms included)."""
+    """pareto-TASK.png: quality against acceptance on each task's primary examples (finished exploratory arms included)."""
     for task_name, spec in [*plan["tasks"].items(), *plan.get("exploratory_tasks", {}).items()]:
         path = rows_root / task_name / ROWS_FILE
         if not path.is_file():
             continue
         examples = planned_examples(task_name, spec, data_dir, primary=True)
-        labels = [plan["reference"], *plan["relaxed"], *plan.get("exploratory_methods", {}).get(task_name, [])]
+        rows = load_rows(path)
+        labels = plotted_methods(plan, task_name, rows, {example.id for example in examples})
         settings = EvalSettings(**read_settings(rows_root / task_name / SETTINGS_FILE))
-        plot_eval(summarize(get_task(task_name), examples, labels, load_rows(path), settings), rows_root / f"pareto-{task_name}.png")
+        plot_eval(summarize(get_task(task_name), examples, labels, rows, settings), rows_root / f"pareto-{task_name}.png")
 
 
 def planning(folders: list[str], plan: dict) -> None:
