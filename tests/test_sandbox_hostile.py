@@ -221,14 +221,17 @@ def test_answer_keys_are_not_in_reach():
 
 @needs_cgroup
 def test_forked_children_share_one_memory_limit():
-    # Each child fills 300 MB, well under its own address-space limit; together they are over the run's.
+    # Each child fills 300 MB, well under its own address-space limit; together they are over the
+    # run's. Each holds its block for seconds, so that the children's blocks overlap: a child that
+    # freed its block before the next one filled its own would fit, proving nothing.
     code = """
-        import posix
+        import posix, time
         children = []
         for _ in range(4):
             pid = posix.fork()
             if pid == 0:
                 block = b"x" * (300 << 20)
+                time.sleep(3)
                 posix._exit(0)
             children.append(pid)
         print(sum(posix.waitpid(pid, 0)[1] == 0 for pid in children))
