@@ -144,7 +144,6 @@ def test_main_writes_results_and_the_primary_pareto_plots(folder):
     assert (folder / "pareto-humaneval.png").stat().st_size > 0 and (folder / "pareto-xsum.png").stat().st_size > 0
 
 
-
 def test_a_partial_exploratory_arm_stays_off_the_plot(folder):
     """Its rows are the examples that finished first, so its point is not comparable."""
     write_task(folder, "xsum", 120, lambda index, base: base)
@@ -155,6 +154,7 @@ def test_a_partial_exploratory_arm_stays_off_the_plot(folder):
     partial = rows[:first] + rows[first + 1:]
     assert "static:0.1" not in confirmatory.plotted_methods(PLAN, "xsum", partial, ids)
     assert confirmatory.plotted_methods(PLAN, "xsum", partial, ids) == [PLAN["reference"], *PLAN["relaxed"]]
+
 
 def test_rescoring_runs_the_sandbox_and_records_what_changed(tmp_path):
     """The real step: two HumanEval rows scored wrongly on purpose get the sandbox's verdicts."""
