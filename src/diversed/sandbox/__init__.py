@@ -6,12 +6,13 @@
 answers calls to the program's names; the *judge* (judge.py) runs the dataset's checks, whose
 calls to the candidate cross to the worker as plain data (codec.py), and is the only one that
 decides `passed`. This module starts both with a minimal environment (no variable of the
-parent), gives the run its cgroups (cgroups.py), enforces the wall-clock limit and kills every
-process of the run at the end.
+parent), gives the worker and the judge cgroups of their own (cgroups.py), enforces the
+wall-clock limit and, at the end, kills every process of the run and removes what it left
+(cleanup.py).
 
 Where the host allows namespaces (util-linux `unshare`, probed once) the worker runs in fresh
-network, pid and mount namespaces, in a minimal root as `nobody` (run by root) or behind locked
-read-only mounts (run by another user). Without them `run_tests` refuses to run anything unless
+network, pid, mount, IPC and UTS namespaces, in a minimal root under a uid of its own (run by
+root) or behind locked read-only mounts (run by another user): no state outlives the run. Without them `run_tests` refuses to run anything unless
 the user accepted it (`--unsafe-sandbox`, `allow_unisolated()` or DIVERSED_UNSAFE_SANDBOX=1):
 the fallback has a fresh uid per run (run by root), the cgroups, rlimits and seccomp.
 `isolation()` says which level this host gets.
@@ -26,7 +27,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,13 +37,15 @@ from typing import Any, Sequence
 
 from ..errors import UserInputError
 from .cgroups import kill_members, make_run_cgroups, remove_run_cgroups
+from .cleanup import kill_group, kill_uid, remove_leftovers
 
 # util-linux `unshare`. --mount-proc gives the pid namespace its own /proc (so the program cannot
 # read other processes' environments) and implies a mount namespace with private propagation
-# (nothing the runner mounts reaches the host). Root needs no user namespace (and must not use
-# one: a namespace root mapped to the host's root is exempt from the process limit); the runner
-# then switches to `nobody` itself.
-_NAMESPACE_FLAGS = ["--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+# (nothing the runner mounts reaches the host). The IPC namespace takes SysV objects and POSIX
+# message queues down with the run's last process, so no run reads what an earlier one stored.
+# Root needs no user namespace (and must not use one: a namespace root mapped to the host's root
+# is exempt from the process limit); the runner then switches to the run's own uid itself.
+_NAMESPACE_FLAGS = ["--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
 _USER_NAMESPACE_FLAGS = ["--user", "--map-root-user"]
 MINIMAL_ROOT_WORKDIR = "/diversed-work"  # inside the minimal root; a name no bound tree uses
 _OUTPUT_TAIL = 4000  # characters of stdout/stderr kept in a result
@@ -53,9 +55,11 @@ _OUTPUT_TAIL = 4000  # characters of stdout/stderr kept in a result
 class Limits:
     """Resource limits of one sandboxed run."""
 
-    seconds: float = 10.0  # wall clock; the CPU limit is derived from it
-    memory_bytes: int = 2 << 30  # the whole run (its cgroup, shared memory included), and each process's address space
-    max_processes: int = 64  # processes + threads of the run (fork-bomb guard)
+    seconds: float = 10.0  # wall clock; the per-process CPU limit is derived from it
+    memory_bytes: int = 2 << 30  # the whole run (its cgroup, shared memory included), each process's address space, and the judge's cgroup
+    max_processes: int = 64  # processes + threads of the run (its cgroup: fork-bomb guard)
+    cpus: float = 1.0  # CPU time per second of wall clock, for all the run's processes together (its cgroup)
+    max_reply_bytes: int = 64 << 20  # the largest message the judge accepts from the candidate
     max_file_bytes: int = 16 << 20  # largest file the program may write
     disk_bytes: int = 64 << 20  # size of the private tmpfs working directory (namespaces only)
     open_files: int = 256
@@ -68,13 +72,15 @@ class SandboxResult:
     seconds: float
     stdout: str  # the last few thousand characters
     stderr: str
-    isolation: dict[str, bool]  # what the worker achieved: namespaces, minimal_root, readonly_fs, separate_user, cgroup, seccomp
+    isolation: dict[str, bool]  # what the run achieved: namespaces, minimal_root, readonly_fs, separate_user, cgroup, seccomp, judge_cgroup
 
 
 def _source(*modules: str) -> str:
     """Modules of this package as one script for `python -c` (nothing outside the stdlib is imported)."""
     return "\n".join(Path(__file__).with_name(f"{m}.py").read_text(encoding="utf-8") for m in modules)
 
+
+JUDGE_PROCESSES = 8  # the judge runs the checks in one thread; a few more for what an import may start
 
 # The worker's and the judge's code, passed with -c: no file of the project needs to be in reach.
 WORKER_SOURCE = _source("codec", "confinement", "worker")
@@ -147,7 +153,8 @@ def require_isolation(allow_unsafe: bool = False) -> None:
 
 
 def _run_uid() -> int | None:
-    """A fresh uid for an unisolated run by root (None when we cannot switch users)."""
+    """A fresh uid for a run by root (None when we cannot switch users): nothing a user owns
+    (a kernel keyring, a count of processes, a file in /tmp) is shared with another run."""
     if os.geteuid() != 0:
         return None
     return secrets.randbelow(1 << 29) + (1 << 30)  # far above any real account
@@ -224,12 +231,13 @@ def run_tests(code: str, plan: TestPlan, limits: Limits = Limits(), *, allow_uni
 
 def _run(code: str, plan: TestPlan, limits: Limits) -> SandboxResult:
     prefix = _namespace_prefix()
-    run_uid = None if prefix is not None else _run_uid()
+    run_uid = _run_uid()
     # With namespaces as root the working folder exists only inside the run's own mount namespace,
     # so nothing is left on the host even if we are killed; otherwise it is a host folder.
     minimal_root = prefix is not None and "--user" not in prefix
     host_dir = None if minimal_root else Path(tempfile.mkdtemp(prefix="diversed-sandbox-"))
-    groups = make_run_cgroups(limits.memory_bytes, limits.max_processes)
+    groups = make_run_cgroups(limits.memory_bytes, limits.max_processes, limits.cpus)
+    judge_groups = make_run_cgroups(limits.memory_bytes, JUDGE_PROCESSES)
     try:
         if host_dir is not None:
             host_dir.chmod(0o711)
@@ -237,9 +245,11 @@ def _run(code: str, plan: TestPlan, limits: Limits) -> SandboxResult:
                 os.chown(host_dir, run_uid, run_uid)
         workdir = MINIMAL_ROOT_WORKDIR if host_dir is None else str(host_dir)
         config = _worker_config(code, limits, prefix, run_uid, workdir, groups)
-        return _launch(config, plan, limits, prefix, run_uid, groups)
+        return _launch(config, plan, limits, prefix, run_uid, groups, judge_groups)
     finally:
-        remove_run_cgroups(groups)
+        remove_run_cgroups(groups + judge_groups)
+        if prefix is None:  # namespaces take the run's IPC objects and files down with it
+            remove_leftovers(run_uid)
         if host_dir is not None:
             shutil.rmtree(host_dir, ignore_errors=True)
 
@@ -259,6 +269,7 @@ def _worker_config(code: str, limits: Limits, prefix, run_uid, workdir: str, gro
         "open_files": limits.open_files,
         "max_processes": limits.max_processes,
         "cpu_seconds": max(1, int(limits.seconds + 0.999)),
+        "max_reply_bytes": limits.max_reply_bytes,
     }
 
 
@@ -268,7 +279,7 @@ def _dies_with_us() -> tuple[str, ...]:
     return (setpriv, "--pdeathsig", "KILL", "--") if setpriv else ()
 
 
-def _launch(config: dict[str, Any], plan: TestPlan, limits: Limits, prefix, run_uid, groups) -> SandboxResult:
+def _launch(config: dict[str, Any], plan: TestPlan, limits: Limits, prefix, run_uid, groups, judge_groups) -> SandboxResult:
     """Start the worker and the judge, joined by two pipes; the judge's verdict is the result."""
     request_read, request_write = os.pipe()
     reply_read, reply_write = os.pipe()
@@ -294,12 +305,13 @@ def _launch(config: dict[str, Any], plan: TestPlan, limits: Limits, prefix, run_
             for fd in pipes:
                 os.close(fd)
             pipes = []
-            judge_plan = {**asdict(plan), "request_fd": request_write, "reply_fd": reply_read, "memory_bytes": limits.memory_bytes}
+            judge_plan = {**asdict(plan), "request_fd": request_write, "reply_fd": reply_read,
+                          "cgroups": [str(g) for g in judge_groups], "max_reply_bytes": limits.max_reply_bytes}
             verdict, timed_out = _await_verdict(judge, judge_plan, limits.seconds)
         finally:
             for fd in pipes:
                 os.close(fd)
-            _end_run(worker, judge, run_uid, groups)
+            _end_run(worker, judge, run_uid, groups + judge_groups)
         seconds = time.perf_counter() - started
         stdout, stderr = _tail(out), _tail(err)
     return _result(verdict, timed_out, limits.seconds, seconds, stdout, stderr)
@@ -322,10 +334,10 @@ def _end_run(worker: subprocess.Popen, judge: subprocess.Popen | None, run_uid: 
     """Kill every process of the run, whatever state it is in, and wait until they are gone."""
     for proc in (judge, worker):
         if proc is not None:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             proc.wait()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (_kill_group(worker.pid) | _kill_uid(run_uid) | kill_members(groups)):
+    while time.monotonic() < deadline and (kill_group(worker.pid) | kill_uid(run_uid) | kill_members(groups)):
         time.sleep(0.01)
 
 
@@ -345,34 +357,6 @@ def _send_config(proc: subprocess.Popen, config: dict[str, Any]) -> None:
         proc.stdin.close()  # type: ignore[union-attr]
     except OSError:
         pass  # the worker died before reading it: the judge gets no reply, so the run fails
-
-
-def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
-    """Signal a process group; False once it is empty."""
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _kill_uid(uid: int | None) -> bool:
-    """SIGKILL every process running as the run's own uid; False once there is none."""
-    if uid is None:
-        return False
-    found = False
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            text = status.read_text()
-        except OSError:
-            continue
-        if f"\nUid:\t{uid}\t" in text and "\nState:\tZ" not in text:  # a zombie is dead already
-            found = True
-            try:
-                os.kill(int(status.parent.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    return found
 
 
 def _tail(file) -> str:

