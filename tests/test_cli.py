@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from diversed.cli import main
+from diversed.cli import COMMANDS, build_parser, main
 from diversed.head import EnsembleHead, HeadConfig, PairSignature
 from diversed.testing import build_tiny_model
 
@@ -115,3 +118,43 @@ def test_mismatched_pair(capsys, tiny_model_dirs, tmp_path):
     odd = build_tiny_model(tmp_path / "odd", seed=5, alphabet="xyz")
     line = one_line_error(capsys, "generate", "x", "--target", str(tiny_model_dirs[0]), "--draft", str(odd), "--dtype", "float32")
     assert "different vocabularies" in line and "e.g." in line
+
+
+HEAVY = ("torch", "transformers", "numpy", "fastapi", "pydantic", "matplotlib", "sklearn", "llama_cpp")
+
+
+def _modules_after(code: str) -> tuple[str, list[str]]:
+    """(stdout, the HEAVY modules loaded) after running `code` in a fresh interpreter."""
+    probe = f"import sys\n{code}\nprint('LOADED', *[m for m in {HEAVY!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out, _, loaded = done.stdout.rpartition("LOADED")
+    return out, loaded.split()
+
+
+def test_help_starts_without_torch():
+    """`diversed --help` lists every command without importing torch and the rest (issue 40:
+    start-up time), and `import diversed` loads its public names only when used."""
+    out, loaded = _modules_after("from diversed.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    assert loaded == []
+    assert all(name in out for name in COMMANDS)
+    assert _modules_after("import diversed, diversed.errors")[1] == []
+    assert "torch" in _modules_after("import diversed\ndiversed.SamplingParams")[1]
+
+
+def test_command_summaries_match_their_modules():
+    """`diversed --help` shows cli.COMMANDS' summaries; each must be the help its module gives."""
+    parser = build_parser()
+    [sub] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    given = {action.dest: action.help for action in sub._choices_actions}
+    assert given == {name: summary for name, (_, summary) in COMMANDS.items()}
+    assert list(given) == list(COMMANDS)
+
+
+def test_a_command_builds_only_its_own_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--max-draft-length" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+    assert "invalid choice" in capsys.readouterr().err

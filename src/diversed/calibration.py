@@ -5,6 +5,12 @@ They drive two choices: `--backend auto` (the backend whose target step is faste
 `--draft-length auto` (c and v(k), `draft_length.py`). The cache key names the machine (CPU
 model and the flags that decide kernel speed, core count, or the accelerator), the backend and
 its version, the dtype and the pair, so moving to another machine measures again.
+
+A measurement taken while other work competed for the CPU is slower than the machine is, and
+it would steer every later run. So each generation on a CPU checks the cached costs against
+the target forwards the engine timed (`correct_costs`), and where the cache is clearly
+slower, corrects it: load makes forwards slower, never faster, so only that direction is a
+sign of a bad calibration rather than of a busy moment now.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,10 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx
 PROBE_PROMPT_TOKENS = 64
 REPEATS = 5
 DEFAULT_VERIFY_TOKENS = 9  # v(k) up to k = N_max + 1 for the default N_max = 8
+# A cached forward this many times slower than the median the engine observed was measured
+# under load (timing noise on a quiet machine stays far below it).
+TOLERANCE = 1.5
+MIN_SAMPLES = 3  # forwards of one size before their median is trusted
 
 
 def cpu_description() -> tuple[str, list[str]]:
@@ -77,7 +88,7 @@ def _write_cache(key: str, entry: dict[str, Any]) -> None:
     cache = _read_cache()
     cache[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")  # a server's threads may write too
     partial.write_text(json.dumps(cache, indent=1))
     partial.replace(path)  # atomic: a concurrent reader never sees half a file
 
@@ -117,11 +128,17 @@ def measure_seconds(pair, max_tokens: int, repeats: int = REPEATS) -> dict[str, 
             samples[k - 1].append(once(target, k))
         if draft is not None:
             samples[-1].append(once(draft, 1))
-    verify = [statistics.median(times) for times in samples[:-1]]
-    for k in range(len(verify) - 2, -1, -1):
-        verify[k] = min(verify[k], verify[k + 1])
+    verify = _non_decreasing([statistics.median(times) for times in samples[:-1]])
     draft_step = statistics.median(samples[-1]) if draft is not None else None
     return {"target_step": verify[0], "draft_step": draft_step, "verify": verify}
+
+
+def _non_decreasing(verify: list[float]) -> list[float]:
+    """A longer forward never costs less: cap each v(k) by v(k + 1)."""
+    verify = list(verify)
+    for k in range(len(verify) - 2, -1, -1):
+        verify[k] = min(verify[k], verify[k + 1])
+    return verify
 
 
 def calibrated_seconds(pair, dtype: str, device: str, max_tokens: int) -> dict[str, Any]:
@@ -134,6 +151,54 @@ def calibrated_seconds(pair, dtype: str, device: str, max_tokens: int) -> dict[s
         entry["machine"] = machine_summary()
         _write_cache(key, entry)
     return entry
+
+
+def _pair_key(pair) -> str:
+    return _key(pair.backend, pair.facts().weights, str(pair.device), pair.target_name, pair.draft_name)
+
+
+def corrected_entry(entry: dict[str, Any], forwards: dict[int, list[float]]) -> dict[str, Any] | None:
+    """The cached seconds corrected by observed forwards (`forwards[k]`: seconds of k-token
+    target forwards), or None when they agree.
+
+    They disagree when some size's observed median is TOLERANCE times faster than the cache.
+    Then every observed size takes its median, and the sizes not observed, and the draft step,
+    are scaled by the ratio at the most observed size (the whole calibration ran under the same
+    load, so its ratios c and v(k) are kept where nothing better is known).
+    """
+    cached = entry["verify"]
+    observed = {k: statistics.median(times) for k, times in forwards.items() if len(times) >= MIN_SAMPLES and 1 <= k <= len(cached)}
+    if not any(seconds * TOLERANCE < cached[k - 1] for k, seconds in observed.items()):
+        return None
+    anchor = max(observed, key=lambda k: (len(forwards[k]), -k))
+    scale = min(1.0, observed[anchor] / cached[anchor - 1])
+    verify = _non_decreasing([observed.get(k, seconds * scale) for k, seconds in enumerate(cached, start=1)])
+    draft_step = entry["draft_step"] * scale if entry["draft_step"] is not None else None
+    return {**entry, "target_step": verify[0], "draft_step": draft_step, "verify": verify, "corrected": "from engine timings"}
+
+
+def correct_costs(pair, forwards: dict[int, list[float]]) -> dict[str, Any] | None:
+    """Check this pair's cached costs against the target forwards a generation timed
+    (`engine.RoundClock.forwards`); correct and save them when the cache was measured under
+    load. Returns the corrected entry, or None (no cached entry, or no disagreement).
+
+    CPU only: on an accelerator a round waits for the device once, not after each forward
+    (docs/performance.md), so the engine's per-forward times are not a forward's cost.
+    """
+    if pair.device.type != "cpu":
+        return None
+    key = _pair_key(pair)
+    entry = _read_cache().get(key)
+    corrected = corrected_entry(entry, forwards) if entry is not None else None
+    if corrected is not None:
+        try:
+            _write_cache(key, corrected)
+        except OSError:
+            return None  # a read-only cache: the generation itself has succeeded, and the next run checks again
+        print(f"note: corrected the cached step costs of the {pair.backend.name} backend on this machine: a target step "
+              f"{entry['target_step'] * 1e3:.1f} ms when calibrated, {corrected['target_step'] * 1e3:.1f} ms in this run "
+              "(the calibration ran under load)", file=sys.stderr)
+    return corrected
 
 
 def step_costs(pair, max_draft_length: int, proposer: ProposerKind = DRAFT_MODEL) -> StepCosts:

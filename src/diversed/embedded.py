@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ModelLoadError, first_line
 from .paths import diversed_home, ensure_dir
 
@@ -107,6 +105,7 @@ def convert_embedded(spec: EmbeddedModel) -> Path:
     target_dir = diversed_home() / "models" / spec.name
     if (target_dir / "model.safetensors").is_file() and (target_dir / "config.json").is_file():
         return target_dir
+    import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -133,10 +133,20 @@ def verify_block(
 
 @dataclass
 class RoundClock:
-    """Seconds spent drafting and in target forwards; the rest of a round is 'other'."""
+    """Seconds spent drafting and in target forwards; the rest of a round is 'other'.
+
+    `forwards[k]` also keeps the seconds of each round's k-token target forward (prompt
+    prefills aside): what calibration measures as v(k), so cached costs can be checked
+    against what generation took (`calibration.correct_costs`).
+    """
 
     draft: float = 0.0
     target: float = 0.0
+    forwards: dict[int, list[float]] = field(default_factory=dict)
+
+    def target_forward(self, tokens: int, seconds: float) -> None:
+        self.target += seconds
+        self.forwards.setdefault(tokens, []).append(seconds)
 
 
 def speculative_round(
@@ -160,7 +170,7 @@ def speculative_round(
     drafted = proposal.tokens  # [n], on the device
     pending = token_tensor(committed[target.length :], target.device)  # the pending token
     logits, target_hidden = target.feed(torch.cat([pending, drafted.to(target.device)]), n + 1)  # [n+1, V], [n+1, H_t] | None
-    clock.target += time.perf_counter() - drafted_at
+    clock.target_forward(n + 1, time.perf_counter() - drafted_at)
     p = logits_to_probs(logits, params)  # [n+1, V]
     if n == 0:  # nothing drafted (prompt lookup found no match): a plain target step
         k, next_token, bias = p.new_zeros((), dtype=torch.long), choose(p[0], params, generator), p.new_zeros(())
@@ -189,9 +199,10 @@ def autoregressive_step(
 ) -> RoundOutcome:
     """One target-only step (the `ar` baseline, or N = 0), counted as a round with nothing drafted."""
     started = time.perf_counter()
-    logits, _ = target.feed(committed[target.length :], 1)
+    fed = committed[target.length :]
+    logits, _ = target.feed(fed, 1)
     if clock is not None:
-        clock.target += time.perf_counter() - started
+        clock.target_forward(len(fed), time.perf_counter() - started)
     token = int(choose(logits_to_probs(logits[0], params), params, generator))
     metrics.record_round(drafted=0, accepted=0, bias=0.0)
     return RoundOutcome([token], 0, 0)
@@ -220,12 +231,14 @@ def decode(
     eos_token_ids: set[int] = frozenset(),
     metrics: Metrics | None = None,
     policy: DraftLengthPolicy | None = None,
+    clock: RoundClock | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens each round commits, until EOS or `max_new_tokens`.
 
     `verifier=None` decodes autoregressively with the target alone. `policy` picks N each
     round (default: the fixed `config.draft_length`). `metrics` (if given) is updated in
     place as rounds complete; `new_tokens`, `seconds` and the time split are set at the end.
+    `clock` (if given) receives the time split and each round's target forward.
     EOS ends generation and is not yielded.
     """
     if not prompt_ids:
@@ -238,7 +251,7 @@ def decode(
         policy = FixedDraftLength(int(config.draft_length))
     metrics = metrics if metrics is not None else Metrics()
     started = time.perf_counter()
-    clock = RoundClock()
+    clock = clock if clock is not None else RoundClock()
     params = config.sampling
     generator = make_generator(config.seed, target.device)
     committed = list(prompt_ids)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from .chat_encoding import encode_chat
 from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
-from .engine import AUTO, GenerationConfig, decode
+from .engine import AUTO, GenerationConfig, RoundClock, decode
 from .errors import UserInputError
 from .head import DynamicEnsemble, load_head, resolve_head_path
 from .methods import METHODS, MethodSpec, check_complete, head_kind, make_verifier
@@ -196,6 +196,7 @@ class Generation:
         finish_reason = "length"
         longest_stop = max((len(s) for s in config.stop), default=0)
         hold = max(longest_stop - 1, 0)
+        clock = RoundClock()
         tokens = decode(
             self.pair.runner("target", longest_feed=config.longest_draft + 1),
             self.proposer,
@@ -205,6 +206,7 @@ class Generation:
             eos_token_ids=self.pair.eos_token_ids,
             metrics=self.metrics,
             policy=self.policy,
+            clock=clock,
         )
         for chunk in tokens:
             current = text.extend(chunk)
@@ -230,6 +232,9 @@ class Generation:
             if len(text.text) > len(released):
                 yield text.text[len(released) :]
             released = text.text
+        from .calibration import correct_costs
+
+        correct_costs(self.pair, clock.forwards)  # a calibration taken under load is corrected by this run's timings
         self.result = GenerationResult(released, text.ids, self.method, self.metrics, finish_reason)
 
 
