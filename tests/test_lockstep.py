@@ -180,7 +180,7 @@ def test_eval_lockstep_adds_rows_to_an_engine_run(gsm8k_run, tiny_model_dirs, tm
     added = rows[len(before):]
     assert rows[: len(before)] == before
     assert sorted((r["example_id"], r["method"]) for r in added) == sorted((e, m) for e in ("test-0", "test-1") for m in ("static:0.3", "klgate:0.1"))
-    assert all(r["lockstep"] and r["metrics"]["seconds"] == 0 and r["metrics"]["drafted"] > 0 for r in added)
+    assert all(r["lockstep"] and r["metrics"]["seconds"] > 0 and r["metrics"]["drafted"] > 0 for r in added)
     summary = {m["method"]: m for m in json.loads((out / "summary.json").read_text())["methods"]}
     assert summary["static:0.3"]["tokens_per_second"] is None and summary["static:0.3"]["speedup"] is None
     assert summary["static:0.3"]["acceptance_rate"] is not None
@@ -220,7 +220,8 @@ def test_rows_that_join_a_running_batch_make_the_tokens_they_make_alone(small_pa
     for row, result in lockstep_generate(small_pair, rows, config, batch_size=4):
         order.append(row.key)
         assert result.token_ids == alone[row.key].token_ids
-        assert result.metrics.to_dict() == alone[row.key].metrics.to_dict() | {"estimated_bias": pytest.approx(alone[row.key].metrics.estimated_bias)}
+        assert _counts(result.metrics) == _counts(alone[row.key].metrics) | {"estimated_bias": pytest.approx(alone[row.key].metrics.estimated_bias)}
+        assert result.metrics.seconds > 0  # its share of the batch's time
         assert result.finish_reason == alone[row.key].finish_reason
     assert sorted(order) == list(range(24))
     assert any(order.index(later) < order.index(first) for first in range(4) for later in range(4, 24))
@@ -239,3 +240,8 @@ def test_rows_join_in_whole_runs_of_a_shared_prompt():
     assert [row.key for row in _take(waiting, 2, into_empty=True)] == [3, 4]
     assert [row.key for row in _take(waiting, 9, into_empty=False)] == [5, 6]
     assert not waiting
+
+
+def _counts(metrics) -> dict:
+    """A row's metrics without its timing (a row's share of batch time depends on the rows beside it)."""
+    return {name: value for name, value in metrics.to_dict().items() if "second" not in name}

@@ -26,6 +26,7 @@ engine does, so a round that runs past one is cut the same way.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -63,7 +64,7 @@ class _RowState:
     row: LockstepRow
     generator: torch.Generator
     text: IncrementalText
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = field(default_factory=Metrics)  # its `seconds`: the row's share of batch time (`_charge`)
     ids: list[int] = field(default_factory=list)
     drafted: int = 0  # N of the round in progress; 0 between rounds
     accepted: int = 0  # tokens accepted so far in this round
@@ -147,9 +148,14 @@ class _Batch:
         self.policy = FixedDraftLength(int(config.draft_length))
         self.states: list[_RowState] = []
 
-    @torch.inference_mode()
     def join(self, rows: Sequence[LockstepRow]) -> None:
-        """Prefill `rows`' distinct prompts once each and append the rows to the batch."""
+        """Prefill `rows`' distinct prompts once each and append the rows to the batch (the time is theirs)."""
+        started = time.perf_counter()
+        states = self._join(rows)
+        _charge(states, time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def _join(self, rows: Sequence[LockstepRow]) -> list[_RowState]:
         pair, device = self.pair, self.pair.device
         prompts = list(dict.fromkeys(row.prompt_ids for row in rows))  # distinct prompts, in order
         ids, mask, positions = left_pad(prompts, device)  # [P, L] each
@@ -163,7 +169,7 @@ class _Batch:
         states = [_RowState(row, make_generator(row.seed), IncrementalText(pair.tokenizer)) for row in rows]
         if not self.states:
             self.models, self.outputs, self.mask, self.positions, self.states = models, outputs, mask, positions, states
-            return
+            return states
         padding = int((self.mask.cumsum(-1) == 0).all(0).sum())  # leading positions no row attends to any more
         for mine, theirs in zip(self.models, models):
             mine.drop_front(padding)
@@ -172,10 +178,15 @@ class _Batch:
         self.positions = torch.cat([self.positions, positions])
         self.outputs = [(torch.cat([a, c]), torch.cat([b, d])) for (a, b), (c, d) in zip(self.outputs, outputs)]
         self.states += states
+        return states
 
     @torch.inference_mode()
     def step(self) -> Iterator[tuple[LockstepRow, GenerationResult]]:
-        """Every row emits one token; yield the rows that finish, and feed the rest's tokens."""
+        """Every row emits one token; feed the continuing rows' tokens, then yield the rows that finished.
+
+        Time is charged to the rows it served: the sampling to every row, the feed to the rows it continues.
+        """
+        started = time.perf_counter()
         params, config = self.config.sampling, self.config
         (target_logits, target_hidden), (draft_logits, draft_hidden) = self.outputs
         p = logits_to_probs(target_logits, params)  # [A, V]
@@ -183,13 +194,19 @@ class _Batch:
         tokens = _step(self.states, p, q, target_hidden, draft_hidden, self.policy, config)  # [A]
         for state, token in zip(self.states, tokens):
             _commit(state, token, self.eos, config)
+        _charge(self.states, time.perf_counter() - started)
         finished = [state.finish_reason is not None for state in self.states]
-        for state, done in zip(self.states, finished):
-            if done:
-                yield state.row, _result(state, config)
+        results = [(state.row, _result(state, config)) for state, done in zip(self.states, finished) if done]
         if all(finished):
             self.states = []
-            return
+        else:
+            started = time.perf_counter()
+            self._feed(tokens, finished)
+            _charge(self.states, time.perf_counter() - started)
+        yield from results
+
+    def _feed(self, tokens: list[int], finished: list[bool]) -> None:
+        """Drop the finished rows and feed the others their new tokens (outputs for the next step)."""
         if any(finished):  # finished rows leave the batch
             keep = torch.tensor([i for i, done in enumerate(finished) if not done], device=self.pair.device)  # [A']
             for model in self.models:
@@ -200,6 +217,12 @@ class _Batch:
         self.positions = self.positions + 1  # [A, 1]
         step_ids = torch.tensor(tokens, device=self.pair.device)[:, None]  # [A, 1]
         self.outputs = [model.feed(step_ids, self.mask, self.positions) for model in self.models]
+
+
+def _charge(states: Sequence[_RowState], seconds: float) -> None:
+    """Split `seconds` of batch time evenly over the rows it served."""
+    for state in states:
+        state.metrics.seconds += seconds / len(states)
 
 
 def _join_masks(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,11 @@ class TorchRunner:
     """A transformers causal LM, its KV cache and how many tokens that cache holds."""
 
     def __init__(self, model: Any, vocab_size: int):
-        from transformers import DynamicCache
+        from .torch_decode import growing_cache
 
         self.model = model
         self.vocab_size = vocab_size
-        self.cache = DynamicCache(config=model.config)
+        self.cache = growing_cache(model.config)
         self.body = model.base_model  # the decoder stack without the LM head
         self.lm_head = model.get_output_embeddings()
         self.device = next(model.parameters()).device
@@ -61,11 +61,11 @@ class TorchBatch:
     """
 
     def __init__(self, model: Any, vocab_size: int):
-        from transformers import DynamicCache
+        from .torch_decode import growing_cache
 
         self.body = model.base_model  # the decoder stack without the LM head
         self.lm_head = model.get_output_embeddings()
-        self.cache = DynamicCache(config=model.config)
+        self.cache = growing_cache(model.config)
         self.vocab_size = vocab_size
 
     def feed(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +127,8 @@ def load_model(spec: str, dtype: str = DEFAULT_DTYPE, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .torch_decode import PACKED_SDPA
+
     hf_logging.disable_progress_bar()  # loading a cached model takes seconds; no bar needed
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -148,6 +150,8 @@ def load_model(spec: str, dtype: str = DEFAULT_DTYPE, device: str = "cpu"):
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {spec!r}: {first_line(exc)}") from None
     model.to(target_device).eval().requires_grad_(False)
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(PACKED_SDPA)  # the same attention, on the fast kernel for one new token
     return model, tokenizer, name
 
 

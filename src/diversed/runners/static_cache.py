@@ -32,7 +32,7 @@ from .hf import TORCH, TorchBackend
 
 DEFAULT_CONTEXT = 4096  # tokens a static cache holds (prompt + generation), as llama.cpp's contexts
 DEFAULT_MAX_BLOCK = 9  # N_max + 1 for the default N_max = 8, when the caller does not say
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "diversed_packed_sdpa", "eager")  # the second: torch_decode.PACKED_SDPA
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -248,7 +248,7 @@ class StaticCacheBackend(TorchBackend):
     """
 
     name: ClassVar[str] = "torch-static"
-    can_batch: ClassVar[bool] = False  # lockstep evaluation and training batch on the eager runner
+    can_batch: ClassVar[bool] = True  # batches run on the eager `TorchBatch` (lockstep evaluation and training on any device)
 
     def offered_by_auto(self, device):
         if device.type != "cuda":
@@ -275,9 +275,6 @@ class StaticCacheBackend(TorchBackend):
         # One captured block fits a verify exactly: a smaller one sends longer drafts eagerly,
         # a larger one pads every verify.
         return StaticCacheRunner.for_model(model, vocab_size, longest_feed or DEFAULT_MAX_BLOCK)
-
-    def batch(self, model, vocab_size):
-        return Backend.batch(self, model, vocab_size)
 
 
 TORCH_STATIC = StaticCacheBackend()

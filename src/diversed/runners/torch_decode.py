@@ -1,0 +1,139 @@
+"""How transformers' decoder runs our decoding steps on a CPU: two changes, neither touching the math.
+
+1. **Grouped-query attention for one new token, packed.** With no padding mask, transformers'
+   SDPA path asks torch for `enable_gqa=True`, whose CPU kernel runs far below the matrix
+   units' speed in bfloat16 at a batch of decoding rows. Packing the query heads that share a
+   key/value head into the query-length axis ([B, heads, 1, D] -> [B, kv_heads, group, D]) is
+   the same attention (transformers does it already whenever a mask is present) and runs on
+   the fast kernel. `PACKED_SDPA` is that attention, registered with transformers under its
+   own name and the SDPA mask; anything else (a longer query, no grouping, a compiled graph)
+   goes to transformers' own SDPA unchanged.
+2. **A KV cache that grows in place.** transformers' `DynamicLayer` concatenates each new
+   token's keys and values onto the whole cache, copying every cached position of every row at
+   every step. `GrowingLayer` keeps them in buffers with room to spare and writes a step in
+   place; only a row change (rows leaving, being copied or joining) copies.
+
+docs/performance.md ("Lockstep batches") has the measurement behind both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.utils.import_utils import is_torchdynamo_compiling
+
+PACKED_SDPA = "diversed_packed_sdpa"
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with the query heads of a single new token packed per key/value head."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, query_length, head_dim = query.shape  # [B, heads, q, D]; key, value: [B, kv_heads, L, D]
+    plain = groups == 1 or query_length != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+    if plain or is_torchdynamo_compiling():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    packed = pack_gqa(query, groups)  # [B, kv_heads, group, D]
+    mask = pack_gqa(attention_mask, groups)  # [B, 1 or kv_heads, 1 or group, L]
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)  # [B, kv_heads, group, D]
+    return out.reshape(batch, 1, heads, value.shape[-1]), None  # [B, q = 1, heads, D], as transformers returns it
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+
+
+class _GrowingStates:
+    """One [B, heads, T, D] tensor kept in a buffer with room for more positions along T."""
+
+    def __init__(self, states: torch.Tensor):
+        length = states.shape[-2]
+        room = length + max(64, length // 4)  # amortizes the copy on overflow
+        self.buffer = states.new_empty(*states.shape[:-2], room, states.shape[-1])
+        self.buffer[..., :length, :] = states
+        self.length = length
+
+    def view(self) -> torch.Tensor:
+        return self.buffer[..., : self.length, :]
+
+    def append(self, states: torch.Tensor) -> "_GrowingStates":
+        """These states with `states` [B, heads, t, D] after them: in place, or a new buffer when full."""
+        end = self.length + states.shape[-2]
+        if end > self.buffer.shape[-2] or states.shape[:-2] != self.buffer.shape[:-2]:
+            return _GrowingStates(torch.cat([self.view(), states], dim=-2))
+        self.buffer[..., self.length : end, :] = states
+        self.length = end
+        return self
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose `keys` and `values` are views of growing buffers (see the module docstring).
+
+    Assigning `keys` or `values` (as row selection, cropping or our batch's joins do) copies the
+    tensor into a fresh buffer; `update` appends in place.
+    """
+
+    def __init__(self, **kwargs: Any):
+        self._keys: _GrowingStates | None = None
+        self._values: _GrowingStates | None = None
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self._keys is None else self._keys.view()
+
+    @keys.setter
+    def keys(self, states: torch.Tensor | None) -> None:
+        self._keys = None if states is None or states.dim() != 4 else _GrowingStates(states)
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self._values is None else self._values.view()
+
+    @values.setter
+    def values(self, states: torch.Tensor | None) -> None:
+        self._values = None if states is None or states.dim() != 4 else _GrowingStates(states)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return 0 if self._keys is None else self._keys.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` positions (transformers' convention); the room stays."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the negative number of positions to remove, not {tokens_to_remove}")
+        for states in (self._keys, self._values):
+            if states is not None:
+                states.length = max(0, states.length + tokens_to_remove)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._keys is None or self._values is None:
+            self._keys, self._values = _GrowingStates(key_states), _GrowingStates(value_states)
+        else:
+            self._keys, self._values = self._keys.append(key_states), self._values.append(value_states)
+        return self._keys.view(), self._values.view()
+
+
+def growing_cache(config: Any) -> DynamicCache:
+    """A `DynamicCache` for `config` whose full-attention layers grow in place (sliding-window layers stay as they are)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
