@@ -23,12 +23,14 @@ METHODS = ["ar", "exact", "static:0.5", "static:0.9"]
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"benchmark data folder {SHARED_DATA} is absent")
 
 
-def eval_args(tiny_model_dirs, out: Path, *extra: str, task: str = "gsm8k", data_dir: Path = SHARED_DATA, methods=METHODS, n: int = 2) -> list[str]:
+def eval_args(tiny_model_dirs, out: Path, *extra: str, task: str = "gsm8k", data_dir: Path = SHARED_DATA, methods=METHODS, n: int = 2,
+              sequential: bool = True) -> list[str]:
+    """`diversed eval` on the tiny pair; `sequential`: one timed generation at a time (else eval's default, lockstep)."""
     target, draft = tiny_model_dirs
     return [
         "eval", "--task", task, "--methods", ",".join(methods), "--n", str(n), "--max-new-tokens", "12",
         "--temperature", "1", "--draft-length", "3", "--out", str(out), "--data-dir", str(data_dir),
-        "--target", str(target), "--draft", str(draft), "--dtype", "float32", *extra,
+        "--target", str(target), "--draft", str(draft), "--dtype", "float32", *(["--sequential"] if sequential else []), *extra,
     ]
 
 

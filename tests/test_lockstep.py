@@ -175,7 +175,7 @@ def test_eval_lockstep_adds_rows_to_an_engine_run(gsm8k_run, tiny_model_dirs, tm
     same settings; its summary leaves timing empty; a rerun has nothing to do; greedy is refused."""
     out = copy_run(gsm8k_run, tmp_path)
     before = read_rows(out)
-    assert cli.main(eval_args(tiny_model_dirs, out, "--lockstep", "3", methods=["static:0.3", "klgate:0.1"])) == 0
+    assert cli.main(eval_args(tiny_model_dirs, out, "--lockstep", "3", methods=["static:0.3", "klgate:0.1"], sequential=False)) == 0
     rows = read_rows(out)
     added = rows[len(before):]
     assert rows[: len(before)] == before
@@ -184,13 +184,13 @@ def test_eval_lockstep_adds_rows_to_an_engine_run(gsm8k_run, tiny_model_dirs, tm
     summary = {m["method"]: m for m in json.loads((out / "summary.json").read_text())["methods"]}
     assert summary["static:0.3"]["tokens_per_second"] is None and summary["static:0.3"]["speedup"] is None
     assert summary["static:0.3"]["acceptance_rate"] is not None
-    assert cli.main(eval_args(tiny_model_dirs, out, "--lockstep", methods=["static:0.3"])) == 0
+    assert cli.main(eval_args(tiny_model_dirs, out, "--lockstep", methods=["static:0.3"], sequential=False)) == 0
     assert len(read_rows(out)) == len(rows)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        cli.main(eval_args(tiny_model_dirs, out, "--lockstep", "0", methods=["static:0.3"]))
+        cli.main(eval_args(tiny_model_dirs, out, "--lockstep", "0", methods=["static:0.3"], sequential=False))
     assert exit_.value.code == 2 and "at least 1" in capsys.readouterr().err
-    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "greedy", "--lockstep", "--temperature", "0", methods=["exact"])) == 2
+    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "greedy", "--lockstep", "--temperature", "0", methods=["exact"], sequential=False)) == 2
     assert "greedy" in capsys.readouterr().err
 
 
@@ -240,6 +240,37 @@ def test_rows_join_in_whole_runs_of_a_shared_prompt():
     assert [row.key for row in _take(waiting, 2, into_empty=True)] == [3, 4]
     assert [row.key for row in _take(waiting, 9, into_empty=False)] == [5, 6]
     assert not waiting
+
+
+@needs_shared_data
+def test_eval_runs_lockstep_by_default_where_it_has_the_engines_law(tiny_model_dirs, tmp_path, capsys):
+    """Sampling at a fixed N with the draft model: batched rows with their share of batch time. Greedy: one
+    timed generation at a time, and a note says why. --sequential and --lockstep together: a one-line error."""
+    out = tmp_path / "default"
+    assert cli.main(eval_args(tiny_model_dirs, out, methods=["ar", "static:0.5"], sequential=False)) == 0
+    rows = read_rows(out)
+    assert len(rows) == 4 and all(row["lockstep"] and row["metrics"]["seconds"] > 0 for row in rows)
+    capsys.readouterr()
+    greedy = tmp_path / "greedy"
+    assert cli.main(eval_args(tiny_model_dirs, greedy, "--temperature", "0", methods=["exact"], sequential=False)) == 0
+    assert "one generation at a time" in capsys.readouterr().err
+    assert not any(row.get("lockstep") for row in read_rows(greedy))
+    assert cli.main(eval_args(tiny_model_dirs, tmp_path / "both", "--lockstep", methods=["exact"])) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+@needs_shared_data
+def test_a_killed_lockstep_eval_resumes_without_losing_or_repeating_a_row(tiny_model_dirs, tmp_path):
+    """Rows are written as they finish; a run cut mid-line resumes with each (example, method) exactly once."""
+    out = tmp_path / "run"
+    args = eval_args(tiny_model_dirs, out, "--lockstep", "4", methods=["exact", "static:0.5", "ar"], n=3, sequential=False)
+    assert cli.main(args) == 0
+    lines = (out / "rows.jsonl").read_text().splitlines(keepends=True)
+    (out / "rows.jsonl").write_text("".join(lines[:4]) + lines[4][:30])  # killed while writing the fifth row
+    assert cli.main(args) == 0
+    keys = [(row["example_id"], row["method"]) for row in read_rows(out)]
+    assert len(keys) == len(set(keys)) == 9
+    assert (out / "rows.jsonl").read_text().splitlines(keepends=True)[:4] == lines[:4]
 
 
 def _counts(metrics) -> dict:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UserInputError
+from ..engine import GenerationConfig
+from ..evaluate.lockstep import DEFAULT_BATCH, lockstep_refusal
 from ..evaluate import (DEFAULT_WEIGHTS, FRONT_JSON, FRONT_PLOT, SUMMARY_JSON, EngineRows, EvalSettings, LockstepRows, RowMaker,
                         check_settings, plot_front, run_eval, summary_markdown, theoretical_front)
 from ..generation import MethodSpec, check_spec
@@ -16,6 +18,7 @@ from ..embedded import DEFAULT_DRAFT, DEFAULT_TARGET
 from ..methods import needs_draft
 from ..sampling import SamplingParams
 from ..run_files import writable_folder
+from ..runners import AUTO, batch_backend, get_backend
 from ..sandbox import require_isolation
 from ..tasks import TASKS, Example, Task, get_task
 from .args import add_model_args, add_sampling_args, config_from_args, pair_from_args, proposer_from_args, resolve_backend
@@ -72,6 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         backend, args.dtype = VLLM, args.dtype or default_dtype()
     else:
+        args.lockstep = _lockstep_batch(args, config)
         # Settles --backend auto (lockstep: on the batching backend) and the dtype, which the settings record.
         backend = resolve_backend(args, batched=args.lockstep is not None)
     settings = EvalSettings(
@@ -89,6 +93,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(summary_markdown(summary))
     print(f"rows, summary and plot in {out_dir}/", file=sys.stderr)
     return 0
+
+
+def _lockstep_batch(args: argparse.Namespace, config: GenerationConfig) -> int | None:
+    """Rows per lockstep step, or None for one timed generation at a time: `--lockstep`'s batch, or
+    by default lockstep's own wherever it has the engine's law (evaluate/lockstep.py)."""
+    if args.sequential:
+        if args.lockstep is not None:
+            raise UserInputError("--sequential and --lockstep contradict each other; choose one")
+        return None
+    backend = batch_backend() if args.backend == AUTO else get_backend(args.backend)
+    refusal = lockstep_refusal(backend, config)
+    if args.lockstep is not None:
+        if refusal is not None:
+            raise UserInputError(refusal)
+        return args.lockstep
+    if refusal is not None:
+        print(f"note: one generation at a time, timed (batched evaluation does not apply: {refusal})", file=sys.stderr)
+        return None
+    return DEFAULT_BATCH
 
 
 def _our_rows(args: argparse.Namespace, specs: list[MethodSpec]) -> RowMaker:
@@ -155,8 +178,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(ev)
     add_sampling_args(ev)
     ev.add_argument("--unsafe-sandbox", action="store_true", help="run model-written code even where the sandbox cannot isolate it (docs/evaluation.md)")
-    ev.add_argument("--lockstep", type=_positive_int, nargs="?", const=16, metavar="BATCH",
-                    help="generate BATCH rows (default 16) at a time in lockstep: the engine's law and counts, several times faster, no timing (torch, T > 0, fixed N; docs/evaluation.md)")
+    ev.add_argument("--lockstep", type=_positive_int, nargs="?", const=DEFAULT_BATCH, metavar="BATCH",
+                    help=f"generate BATCH rows (default {DEFAULT_BATCH}) at a time in lockstep: the engine's law and counts, several times "
+                         "faster; rows carry their share of batch time (torch, T > 0, fixed N). The default wherever it applies (docs/evaluation.md)")
+    ev.add_argument("--sequential", action="store_true",
+                    help="one generation at a time through the engine, each timed (the speed side of the Pareto plot); on any backend")
     ev.add_argument("--engine", choices=("diversed", VLLM), default="diversed",
                     help="diversed (default): this package's engine; vllm: vLLM with the diversed plugin, in vLLM's environment (docs/vllm.md)")
     # A fixed N by default: rows of different methods then compare at the same draft length.

@@ -40,7 +40,7 @@ from ..generation import GenerationResult, IncrementalText, first_stop
 from ..metrics import Metrics
 from ..models import ModelPair
 from ..proposers import DRAFT_MODEL, get_proposer
-from ..runners import batch_backend
+from ..runners import Backend, batch_backend
 from ..runners.base import left_pad
 from ..sampling import logits_to_probs, sample, total_variation
 from ..verifiers import Verifier
@@ -79,21 +79,33 @@ class _RowState:
         self.bias = 0.0
 
 
+DEFAULT_BATCH = 64  # rows a step; docs/performance.md ("Lockstep batches") has the measurement behind it
+
+
+def lockstep_refusal(backend: Backend, config: GenerationConfig) -> str | None:
+    """Why lockstep evaluation cannot run `config` on `backend` (one line), or None when it can: the
+    engine's law is then the same, batched."""
+    if not backend.can_batch:
+        return (f"lockstep evaluation runs on a backend that decodes batches ({batch_backend().name}; this pair uses "
+                f"{backend.name}); pass --backend {batch_backend().name}")
+    if config.sampling.greedy:
+        return "lockstep evaluation samples (temperature > 0); greedy methods are deterministic, evaluate them without --lockstep"
+    if not isinstance(config.draft_length, int):
+        return "lockstep evaluation needs a fixed --draft-length N (speed-driven 'auto' means nothing without timing)"
+    if config.draft_confidence or get_proposer(config.proposer) is not DRAFT_MODEL or config.bias_budget is not None:
+        return "lockstep evaluation supports the draft model proposer without --draft-confidence or --bias-budget"
+    return None
+
+
 def check_lockstep(pair: ModelPair, config: GenerationConfig) -> None:
     """Refuse what lockstep evaluation cannot do, with one line each."""
-    if not pair.backend.can_batch:
-        raise UserInputError(f"lockstep evaluation runs on a backend that decodes batches ({batch_backend().name}; this pair uses "
-                             f"{pair.backend.name}); pass --backend {batch_backend().name}")
-    if config.sampling.greedy:
-        raise UserInputError("lockstep evaluation samples (temperature > 0); greedy methods are deterministic, evaluate them without --lockstep")
-    if not isinstance(config.draft_length, int):
-        raise UserInputError("lockstep evaluation needs a fixed --draft-length N (speed-driven 'auto' means nothing without timing)")
-    if config.draft_confidence or get_proposer(config.proposer) is not DRAFT_MODEL or config.bias_budget is not None:
-        raise UserInputError("lockstep evaluation supports the draft model proposer without --draft-confidence or --bias-budget")
+    refusal = lockstep_refusal(pair.backend, config)
+    if refusal is not None:
+        raise UserInputError(refusal)
 
 
 def lockstep_generate(
-    pair: ModelPair, rows: Sequence[LockstepRow], config: GenerationConfig, *, batch_size: int = 16
+    pair: ModelPair, rows: Sequence[LockstepRow], config: GenerationConfig, *, batch_size: int = DEFAULT_BATCH
 ) -> Iterator[tuple[LockstepRow, GenerationResult]]:
     """Generate every row, up to `batch_size` rows at once; yield (row, result) as each finishes.
 

@@ -1,0 +1,197 @@
+"""Evaluation throughput: rows per minute of each batched path on the same rows, side by side in one process.
+
+    python benchmarks/throughput.py --data-dir ../shared/data --task mbpp --n 24 --methods exact,static:0.5
+    python benchmarks/throughput.py ... --paths today:16,default:64,default:128 --vllm .venv-vllm
+
+Each path runs `diversed eval`'s row maker on the same examples, methods, seeds and settings
+(T = 1, N = --draft-length, --max-new-tokens), into a fresh folder, scoring included, and
+prints rows per minute, row-tokens per second and the batch's occupancy:
+
+- `today:B`: lockstep at batch B on the kernels transformers picks by itself (SDPA with
+  grouped-query attention as it dispatches it, and a `DynamicCache` that concatenates every
+  step): the evaluation path before `runners/torch_decode.py`.
+- `default:B`: lockstep at batch B on diversed's kernels (`runners/torch_decode.py`); what
+  `diversed eval` runs by default, at its default batch.
+- `--vllm VENV`: `diversed eval --engine vllm` in vLLM's environment, as a subprocess (its
+  start-up is counted, and also shown apart).
+
+Then the physical limit: FLOPs per row-token of both models against the machine's measured
+bfloat16 matrix-product peak. Examples come from the task's validation split (MBPP
+511-600; never the confirmatory or held-out examples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diversed.calibration import machine_summary
+from diversed.evaluate import EvalSettings, LockstepRows, load_rows, run_eval
+from diversed.evaluate import lockstep
+from diversed.generation import MethodSpec
+from diversed.models import load_pair
+from diversed.runners import torch_decode
+from diversed.tasks import get_task
+
+
+@contextlib.contextmanager
+def todays_kernels(pair):
+    """The pair on transformers' own attention dispatch and cache, for the time of the block."""
+    from transformers import DynamicCache
+
+    models = [pair.target, pair.draft]
+    before = [model.config._attn_implementation for model in models]
+    own_cache = torch_decode.growing_cache
+    for model in models:
+        model.set_attn_implementation("sdpa")
+    torch_decode.growing_cache = lambda config: DynamicCache(config=config)
+    try:
+        yield
+    finally:
+        torch_decode.growing_cache = own_cache
+        for model, implementation in zip(models, before):
+            model.set_attn_implementation(implementation)
+
+
+def settings_for(args, task) -> EvalSettings:
+    return EvalSettings(task=task.name, split=args.split, target="embedded target", draft="embedded draft", dtype=args.dtype,
+                        temperature=1.0, top_k=0, top_p=1.0, draft_length=args.draft_length, max_new_tokens=args.max_new_tokens,
+                        seed=0, backend="torch")
+
+
+@contextlib.contextmanager
+def counted_steps(counts: list[int]):
+    """Count lockstep steps and the rows in them (counts: [steps, row-steps]) for the time of the block."""
+    step = lockstep._Batch.step
+
+    def counting(batch):
+        counts[0] += 1
+        counts[1] += len(batch.states)
+        return step(batch)
+
+    lockstep._Batch.step = counting
+    try:
+        yield
+    finally:
+        lockstep._Batch.step = step
+
+
+def run_path(pair, task, examples, specs, settings, batch: int, today: bool) -> dict:
+    counts = [0, 0]
+    with tempfile.TemporaryDirectory() as folder, todays_kernels(pair) if today else contextlib.nullcontext(), counted_steps(counts):
+        started = time.perf_counter()
+        run_eval(LockstepRows(pair, batch), task, examples, specs, settings, folder, progress=False)
+        seconds = time.perf_counter() - started
+        rows = load_rows(Path(folder) / "rows.jsonl")
+    return {"rows": len(rows), "seconds": seconds, "row_tokens": sum(row["metrics"]["new_tokens"] for row in rows),
+            "quality": sum(r["score"] for r in rows) / len(rows), "occupancy": counts[1] / (batch * counts[0]) if counts[0] else None}
+
+
+def run_vllm(venv: Path, args) -> dict | str:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [str(venv / "bin" / "diversed"), "eval", "--engine", "vllm", "--task", args.task, "--split", args.split,
+                   "--n", str(args.n), "--methods", args.methods, "--draft-length", str(args.draft_length),
+                   "--max-new-tokens", str(args.max_new_tokens), "--temperature", "1", "--out", folder]
+        if args.data_dir:
+            command += ["--data-dir", str(args.data_dir)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            return f"failed (rc {done.returncode}): {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+        rows = load_rows(Path(folder) / "rows.jsonl")
+    return {"rows": len(rows), "seconds": seconds, "row_tokens": sum(row["metrics"]["new_tokens"] for row in rows),
+            "quality": sum(r["score"] for r in rows) / len(rows), "occupancy": None}
+
+
+def bf16_peak() -> float:
+    """Measured bfloat16 matrix-product FLOP/s at a large batch (the practical peak of this machine's kernels)."""
+    weight, inputs = torch.randn(8960, 1536).bfloat16(), torch.randn(512, 1536).bfloat16()
+    with torch.inference_mode():
+        torch.nn.functional.linear(inputs, weight)
+        started = time.perf_counter()
+        for _ in range(5):
+            torch.nn.functional.linear(inputs, weight)
+    return 5 * 2 * 512 * 1536 * 8960 / (time.perf_counter() - started)
+
+
+def flops_per_row_token(pair, context: int) -> float:
+    """Matrix-product FLOPs of one token through both models (LM heads included), attention over `context` tokens included."""
+    total = 0.0
+    for model in (pair.target, pair.draft):
+        config = model.config
+        linear = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
+        if getattr(config, "tie_word_embeddings", False):
+            linear += model.get_output_embeddings().weight.numel()
+        head_dim = config.hidden_size // config.num_attention_heads
+        attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
+        total += 2 * linear + attention
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--task", default="mbpp")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--methods", default="exact,static:0.5")
+    parser.add_argument("--draft-length", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--paths", default="today:16,default:64", help="comma-separated PATH:BATCH, PATH one of today, default")
+    parser.add_argument("--context", type=int, default=400, help="tokens attended to, for the FLOP count (prompt + completion)")
+    parser.add_argument("--vllm", type=Path, metavar="VENV", help="also time `diversed eval --engine vllm` from this venv")
+    args = parser.parse_args()
+
+    task = get_task(args.task)
+    examples = task.load(args.split, args.n, args.data_dir)
+    specs = [MethodSpec.parse(label) for label in args.methods.split(",")]
+    pair = load_pair(None, None, args.dtype, backend="torch")
+    settings = settings_for(args, task)
+    print(f"{machine_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+    print(f"{args.task} {args.split}: {len(examples)} examples x {args.methods}, T = 1, N = {args.draft_length}, "
+          f"{args.max_new_tokens} new tokens at most\n")
+    run_path(pair, task, examples[:1], specs[:1], settings, 2, today=False)  # one-time costs (kernel set-up, sandbox)
+    print("| path | batch | rows | seconds | rows/min | row-tokens/s | occupancy | mean score | vs first |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    first = None
+    results = []
+    for item in args.paths.split(","):
+        name, batch = item.split(":")
+        result = run_path(pair, task, examples, specs, settings, int(batch), today=name == "today")
+        results.append(result)
+        first = first or result
+        print(_line(name, batch, result, first), flush=True)
+    if args.vllm:
+        result = run_vllm(args.vllm, args)
+        print(_line("vllm", "-", result, first) if isinstance(result, dict) else f"| vllm | - | {result} |", flush=True)
+    context = args.context
+    per_token = flops_per_row_token(pair, context)
+    peak = bf16_peak()
+    best = max(r["row_tokens"] / r["seconds"] for r in results)
+    print(f"\nphysical limit: {per_token / 1e9:.2f} GFLOP per row-token (both models, attention over {context} tokens); "
+          f"measured bf16 matrix peak {peak / 1e9:.0f} GFLOP/s -> at most {peak / per_token:.0f} row-tokens/s; "
+          f"best path above: {best:.1f} row-tokens/s = {best * per_token / peak:.0%} of it")
+    print(json.dumps({"results": results}), file=sys.stderr)
+    return 0
+
+
+def _line(name: str, batch: str, result: dict, first: dict) -> str:
+    rows_per_minute = 60 * result["rows"] / result["seconds"]
+    occupancy = "–" if result["occupancy"] is None else f"{result['occupancy']:.2f}"
+    ratio = rows_per_minute / (60 * first["rows"] / first["seconds"])
+    return (f"| {name} | {batch} | {result['rows']} | {result['seconds']:.0f} | {rows_per_minute:.1f} | "
+            f"{result['row_tokens'] / result['seconds']:.1f} | {occupancy} | {result['quality']:.3f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
