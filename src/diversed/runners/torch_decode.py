@@ -69,6 +69,12 @@ class _GrowingStates:
     def view(self) -> torch.Tensor:
         return self.buffer[..., : self.length, :]
 
+    def select(self, rows: torch.Tensor) -> "_GrowingStates":
+        """The rows `rows` [B'] of these states (repeats allowed), room included: one copy."""
+        chosen = object.__new__(_GrowingStates)
+        chosen.buffer, chosen.length = self.buffer.index_select(0, rows), self.length
+        return chosen
+
     def append(self, states: torch.Tensor) -> "_GrowingStates":
         """These states with `states` [B, heads, t, D] after them: in place, or a new buffer when full."""
         end = self.length + states.shape[-2]
@@ -113,6 +119,10 @@ class GrowingLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return 0 if self._keys is None else self._keys.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._keys is not None and self._values is not None:
+            self._keys, self._values = self._keys.select(indices), self._values.select(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last `-tokens_to_remove` positions (transformers' convention); the room stays."""
