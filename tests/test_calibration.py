@@ -95,3 +95,18 @@ def test_cli_generate_corrects_an_inflated_llamacpp_calibration(tmp_path):
     assert second.returncode == 0 and "corrected the cached step costs" in second.stderr, second.stderr
     fixed = json.loads((tmp_path / "calibration.json").read_text())[key]
     assert fixed["target_step"] < measured["target_step"] * 5 / TOLERANCE
+
+
+def test_the_batched_dtype_is_measured_once_and_cached(tmp_path, monkeypatch):
+    """Batched evaluation's weights: the dtype whose batched matrix product ran faster here, kept per machine."""
+    monkeypatch.setenv("DIVERSED_CALIBRATION", str(tmp_path / "calibration.json"))
+    dtype, why = calibration.batched_dtype()
+    assert dtype in ("bfloat16", "float32") and "GFLOP/s" in why
+    entry = next(value for key, value in json.loads((tmp_path / "calibration.json").read_text()).items() if key.startswith("batched-dtype|"))
+    assert entry["dtype"] == dtype and entry["gflops"][dtype] == max(entry["gflops"].values())
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(calibration.torch.nn.functional, "linear", no_measuring)
+    assert calibration.batched_dtype() == (dtype, why)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..calibration import batched_dtype
 from ..errors import UserInputError
 from ..engine import GenerationConfig
 from ..evaluate.lockstep import DEFAULT_BATCH, lockstep_refusal
@@ -76,6 +77,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         backend, args.dtype = VLLM, args.dtype or default_dtype()
     else:
         args.lockstep = _lockstep_batch(args, config)
+        if args.lockstep is not None and args.dtype is None:
+            args.dtype, why = batched_dtype(args.device)
+            if args.verbose:
+                print(f"note: weights in {why}", file=sys.stderr)
         # Settles --backend auto (lockstep: on the batching backend) and the dtype, which the settings record.
         backend = resolve_backend(args, batched=args.lockstep is not None)
     settings = EvalSettings(
