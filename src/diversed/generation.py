@@ -18,6 +18,7 @@ from .chat_encoding import encode_chat
 from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
 from .engine import AUTO, GenerationConfig, RoundClock, decode
 from .errors import UserInputError
+from .guard import vocabulary_of
 from .head import DynamicEnsemble, load_head, resolve_head_path
 from .methods import METHODS, MethodSpec, check_complete, head_kind, make_verifier
 from .metrics import Metrics
@@ -84,7 +85,8 @@ def build_verifier(pair: ModelPair, spec: MethodSpec, proposer: str = DRAFT_MODE
     if head is not None and not isinstance(head, kind):
         owner = next(method for method in METHODS if isinstance(head, head_kind(method) or ()))
         raise UserInputError(f"{spec.head!r} is {head.kind}; use {owner}:{spec.head}")
-    verifier = make_verifier(spec.method, head=head, **spec.verifier_knobs())
+    vocabulary = vocabulary_of(pair.tokenizer, pair.eos_token_ids)  # what a guard watches
+    verifier = make_verifier(spec.method, head=head, vocabulary=vocabulary, **spec.verifier_knobs())
     check_compatible(verifier, get_proposer(proposer), pair)
     return verifier
 

@@ -26,6 +26,7 @@ import torch
 from .errors import UserInputError
 from .knobs import Knob
 from .gates import EntropyGate, KLGate
+from .guard import GUARD_KNOBS, GuardVocabulary, guard
 from .head import DynamicEnsemble
 from .judge import Judge
 from .verifiers import (DRAFT_PROBS, HEAD, HIDDEN_STATES, Exact, Lenient, SpeculativeCascade, StaticEnsemble, TypicalAcceptance,
@@ -65,12 +66,14 @@ def head_kind(method: str) -> type | None:
 
 
 def knobs_of(method: str) -> tuple[Knob, ...]:
-    """The knobs of a method, in spec-string order. A UserInputError for an unknown method."""
+    """The knobs of a method, in spec-string order: its own, then the guard's for a relaxed method
+    (guard.py: `static:0.5:0.05` guards static:0.5). A UserInputError for an unknown method."""
     if method == AR:
         return ()
     if method not in VERIFIERS:
         raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}", params=("method",))
-    return VERIFIERS[method].knobs
+    cls = VERIFIERS[method]
+    return cls.knobs + (GUARD_KNOBS if cls.guardable else ())
 
 
 def knob_owners() -> dict[str, list[tuple[str, Knob]]]:
@@ -204,10 +207,12 @@ def check_complete(spec: MethodSpec) -> None:
             raise UserInputError(f"{{method}} {spec.method} needs {{{knob.name}}} ({knob.doc})", params=("method", knob.name))
 
 
-def make_verifier(method: str, *, head: torch.nn.Module | None = None, **knobs: Any) -> Verifier | None:
+def make_verifier(method: str, *, head: torch.nn.Module | None = None, vocabulary: GuardVocabulary | None = None,
+                  **knobs: Any) -> Verifier | None:
     """The verifier for a method name and its knobs (None = the default); None for `ar`.
 
-    `head` is the loaded ensemble head of a method that needs one.
+    `head` is the loaded ensemble head of a method that needs one; `vocabulary` the pair's
+    tokenizer and stop tokens, which a guard (a `guard` or `guard_tokens` knob) reads.
     """
     values = canonical_knobs(method, knobs)
     if method == AR:
@@ -218,12 +223,13 @@ def make_verifier(method: str, *, head: torch.nn.Module | None = None, **knobs: 
         if head is None:
             raise UserInputError(f"{{method}} {method} needs an ensemble head ({{head}}: a path or a shipped head name)", params=("method", "head"))
         kwargs["head"] = head
-    return cls(**kwargs)
+    return guard(cls(**kwargs), values, vocabulary)
 
 
 def spec_syntax(method: str) -> str:
-    """How a spec string writes the method: `cascade:RULE:ALPHA`."""
-    return ":".join([method, *(knob.name.upper() for knob in knobs_of(method))])
+    """How a spec string writes the method: `cascade:RULE:ALPHA` (a guard's knobs may follow: the
+    method table's last row)."""
+    return ":".join([method, *(knob.name.upper() for knob in knobs_of(method) if knob not in GUARD_KNOBS)])
 
 
 def flag(name: str) -> str:
@@ -233,19 +239,27 @@ def flag(name: str) -> str:
 
 def knob_help(name: str) -> str:
     """One help line for a CLI flag, naming every method the knob belongs to."""
-    parts = []
+    methods_of: dict[Knob, list[str]] = {}  # a knob several methods share (the guard's) is described once
     for method, knob in knob_owners()[name]:
+        methods_of.setdefault(knob, []).append(method)
+    parts = []
+    for knob, methods in methods_of.items():
         if name != knob.name:
-            parts.append(f"{method}: same as {flag(knob.name)}")
+            parts.append(f"{', '.join(methods)}: same as {flag(knob.name)}")
             continue
         where = knob.describe_range()
         default = f" (default {knob.format(knob.default)})" if knob.default is not None else ""
-        parts.append(f"{method}: {knob.doc}{', ' + where if where else ''}{default}")
+        owners = "every relaxed method" if knob in GUARD_KNOBS else ", ".join(methods)
+        parts.append(f"{owners}: {knob.doc}{', ' + where if where else ''}{default}")
     return "; ".join(parts).replace("%", "%%")  # argparse formats help with %
 
 
-# The docs' method table (README.md): rows come from the registry, `ar` first.
+# The docs' method table (README.md): rows come from the registry, `ar` first, and a last row for
+# the guard, whose knobs every relaxed method takes after its own.
 _AR_ROW = ("target alone, one token per forward", "yes (baseline)")
+_GUARD_ROW = ("(guard)", "`METHOD:…:GUARD:GUARD_TOKENS`",
+              "any relaxed method, with `v_i = p_i` where `max(p_i(G), q_i(G)) ≥ τ`, G the stop tokens and the named ones",
+              "tokenizer", "no (exact at guarded positions)")
 _NEEDS = {DRAFT_PROBS: "draft probabilities", HIDDEN_STATES: "hidden states", HEAD: "a head"}
 
 
@@ -258,9 +272,12 @@ def markdown_table() -> str:
     for method in METHODS:
         cls = VERIFIERS.get(method)
         verification, lossless = (cls.verification, cls.lossless) if cls is not None else _AR_ROW
-        knobs = ", ".join(_knob_cell(knob) for knob in knobs_of(method))
+        knobs = ", ".join(_knob_cell(knob) for knob in knobs_of(method) if knob not in GUARD_KNOBS)
         needs = ", ".join(text for need, text in _NEEDS.items() if need in cls.needs) if cls is not None else "no draft"
         lines.append(f"| `{method}` | `{spec_syntax(method)}` | {verification} | {knobs} | {needs or 'p only'} | {lossless} |")
+    name, syntax, verification, needs, lossless = _GUARD_ROW
+    knobs = ", ".join(_knob_cell(knob) for knob in GUARD_KNOBS)
+    lines.append(f"| {name} | {syntax} | {verification} | {knobs} | {needs} | {lossless} |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,6 +82,8 @@ class Verifier(ABC):
     lossless: ClassVar[str] = "no"
     #: The class of head the method loads (its `head` knob), None for a method without one.
     head_kind: ClassVar[type | None] = None
+    #: Whether the method takes a guard's knobs (guard.py): every relaxed method; `exact` is already exact.
+    guardable: ClassVar[bool] = True
     #: True when `context` needs the draft's and target's last-layer hidden states (from `needs`,
     #: unless a class decides per instance with a property of this name, as the judge does).
     needs_hidden_states: ClassVar[bool] = False
@@ -188,6 +190,7 @@ class Exact(MixtureVerifier):
     """Lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023): v = p."""
 
     name: ClassVar[str] = "exact"
+    guardable: ClassVar[bool] = False
 
     @classmethod
     def static_line_weight(cls, knobs):

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...errors import UserInputError
+from ...guard import GUARD_KNOBS, GuardVocabulary, guard_given
 from ...methods import METHODS, VERIFIERS, MethodSpec, make_verifier
 from ...server.schemas import ApiError, ServerSettings, SpeculativeOptions, resolve_spec
 from ...verifiers import HEAD, HIDDEN_STATES, Exact, MixtureVerifier, Verifier
@@ -31,6 +32,10 @@ _FIELDS_VLLM_SETS = {
     "draft_length": "vLLM's --speculative-config num_speculative_tokens",
     "bias_budget": "nothing in vLLM (a bias budget needs diversed's own engine)",
 }
+# A guard (guard.py) verifies against v(p, q) like any method here, but reads the tokenizer's stop
+# and named tokens: the model runner must pass them (`verifier_for`'s vocabulary) before vLLM
+# requests may name one.
+GUARD_IN_WORKER = False
 
 
 class RequestError(ValueError):
@@ -50,6 +55,9 @@ def default_spec() -> MethodSpec:
         raise UserInputError(f"{DEFAULT_METHOD_ENV}={text!r}: {exc}") from None
     if spec.method not in VLLM_METHODS:
         raise UserInputError(f"{DEFAULT_METHOD_ENV}={text!r}: {_not_in_vllm(spec.method)}")
+    if not GUARD_IN_WORKER and guard_given(spec.given()):
+        raise UserInputError(f"{DEFAULT_METHOD_ENV}={text!r}: this vLLM plugin does not pass the tokenizer's stop tokens to its "
+                             "workers yet, so it cannot guard")
     return spec
 
 
@@ -69,6 +77,10 @@ def request_spec(extra_args: dict[str, Any] | None, default: MethodSpec) -> Meth
     for name, owner in _FIELDS_VLLM_SETS.items():
         if getattr(options, name) is not None:
             raise RequestError(f"{EXTRA_ARGS_KEY}.{name} is set by {owner}, not per request", f"{EXTRA_ARGS_KEY}.{name}")
+    if not GUARD_IN_WORKER and any(getattr(options, knob.name) is not None for knob in GUARD_KNOBS):
+        field = f"{EXTRA_ARGS_KEY}.{GUARD_KNOBS[0].name}"
+        raise RequestError(f"{field}: this vLLM plugin does not pass the tokenizer's stop tokens to its workers yet; "
+                           "guard with diversed's own engine", field)
     if options.method is not None and options.method in METHODS and options.method not in VLLM_METHODS:
         raise RequestError(f"{EXTRA_ARGS_KEY}.method {options.method!r}: {_not_in_vllm(options.method)}", f"{EXTRA_ARGS_KEY}.method")
     try:
@@ -101,8 +113,10 @@ def check_usable(spec: MethodSpec, temperature: float, draft_probs_available: bo
             "probabilities); use exact, or a temperature", "temperature")
 
 
-def verifier_for(spec: MethodSpec) -> Verifier:
-    return make_verifier(spec.method, **spec.verifier_knobs())
+def verifier_for(spec: MethodSpec, vocabulary: GuardVocabulary | None = None) -> Verifier:
+    """The request's verifier; `vocabulary` (the tokenizer and the request's stop token ids, vLLM's
+    `SamplingParams.all_stop_token_ids`) is what a guard watches."""
+    return make_verifier(spec.method, vocabulary=vocabulary, **spec.verifier_knobs())
 
 
 def _not_in_vllm(method: str) -> str:
