@@ -273,6 +273,16 @@ def test_a_killed_lockstep_eval_resumes_without_losing_or_repeating_a_row(tiny_m
     assert (out / "rows.jsonl").read_text().splitlines(keepends=True)[:4] == lines[:4]
 
 
+@needs_shared_data
+def test_lockstep_runs_on_the_static_cache_backend(tiny_model_dirs, tmp_path):
+    """--backend torch-static (CUDA graphs on a GPU) batches on the eager runner, so eval's batched path takes it too."""
+    out = tmp_path / "static"
+    assert cli.main(eval_args(tiny_model_dirs, out, "--backend", "torch-static", "--lockstep", "2", methods=["exact"], sequential=False)) == 0
+    rows = read_rows(out)
+    assert len(rows) == 2 and all(row["lockstep"] for row in rows)
+    assert json.loads((out / "settings.json").read_text())["backend"] == "torch-static"
+
+
 def _counts(metrics) -> dict:
     """A row's metrics without its timing (a row's share of batch time depends on the rows beside it)."""
     return {name: value for name, value in metrics.to_dict().items() if "second" not in name}

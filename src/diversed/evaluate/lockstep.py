@@ -15,8 +15,9 @@ What it buys: a batch of rows shares one forward pass per token (`ModelPair.batc
 waiting rows take the places of finished ones (the batch stays full), and the rows of one
 prompt share its prefill, so an evaluation of many methods runs several
 times faster on a CPU than generation by generation. What it cannot say: speed. Every token
-costs a step of both models, so rows carry no seconds (`lockstep: true` in eval rows) and
-summaries leave their timing empty.
+costs a step of both models, so a row's `seconds` is its share of batch time (what the row
+cost the evaluation, `_charge`), not a method's decoding speed; eval rows say `lockstep: true`
+and summaries leave their speeds empty.
 
 Differences from the engine, all in the last round of a completion: a round that accepts EOS
 ends there (the engine goes on verifying the draft tokens proposed after EOS, which can add
