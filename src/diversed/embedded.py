@@ -159,16 +159,46 @@ def embedded_gguf(spec: EmbeddedModel) -> Path:
     return path
 
 
+# The files a Hugging Face tokenizer takes its token -> id mapping from (not the chat template).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                    "special_tokens_map.json", "tokenizer.model")
+
+
+def gguf_tokenizer_folder(path: Path) -> Path | None:
+    """The folder `load_gguf_tokenizer` reads a GGUF's tokenizer from (beside the file, or its
+    cached conversion); None before the first conversion."""
+    for folder in (path.parent, diversed_home() / "tokenizers" / f"{path.stem}-{path.stat().st_size}"):
+        if (folder / "tokenizer_config.json").is_file():
+            return folder
+    return None
+
+
+def vocabulary_fingerprint(path: Path) -> str | None:
+    """A hash of the files a GGUF's tokenizer maps tokens to ids from, or None when there are
+    none yet. Equal hashes mean equal vocabularies (unequal ones prove nothing)."""
+    import hashlib
+
+    folder = gguf_tokenizer_folder(path)
+    if folder is None:
+        return None
+    digest = hashlib.sha256()
+    for name in VOCABULARY_FILES:
+        if (folder / name).is_file():
+            content = (folder / name).read_bytes()
+            digest.update(f"{name}\0{len(content)}\0".encode())
+            digest.update(content)
+    return digest.hexdigest()
+
+
 def load_gguf_tokenizer(path: Path) -> Any:
     """The Hugging Face tokenizer of a GGUF model: a tokenizer saved beside it, else the one
     in the GGUF's metadata (converted once and cached under $DIVERSED_HOME/tokenizers)."""
     from transformers import AutoTokenizer
 
-    if (path.parent / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(path.parent))
+    folder = gguf_tokenizer_folder(path)
+    if folder is not None:
+        return AutoTokenizer.from_pretrained(str(folder))
     cached = diversed_home() / "tokenizers" / f"{path.stem}-{path.stat().st_size}"
-    if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError) as exc:

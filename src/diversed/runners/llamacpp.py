@@ -10,6 +10,7 @@ llama.cpp returns, for every output position, both the logits and the final-norm
 
 from __future__ import annotations
 
+import collections.abc
 import ctypes
 import os
 import threading
@@ -20,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from ..embedded import EMBEDDED, gguf_path, load_gguf_tokenizer
+from ..embedded import EMBEDDED, gguf_path, load_gguf_tokenizer, vocabulary_fingerprint
 from ..errors import ModelLoadError, UserInputError
 from .base import Backend, ModelFacts
 
@@ -58,30 +59,70 @@ def _silence_llama_logs(llama_cpp: Any) -> None:
 
 
 class LlamaCppModel:
-    """Weights of one GGUF model, loaded once; contexts are made on demand and pooled."""
+    """Weights of one GGUF model, loaded once; contexts are made on demand and pooled.
 
-    def __init__(self, path: str | Path, n_ctx: int = DEFAULT_CONTEXT, threads: int | None = None):
+    `lazy`: the facts come from the file's header and the weights load at the first context
+    (`new_context`), so a draft that the draft-length rule never runs costs no load and no
+    memory. Whatever borrows a context (every runner's first feed) loads it.
+    """
+
+    def __init__(self, path: str | Path, n_ctx: int = DEFAULT_CONTEXT, threads: int | None = None, lazy: bool = False):
         self.llama_cpp = llama_cpp = import_llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
+        self._loaded: list[Any] = []  # [llama_model, vocab] once loaded (a list: the finalizer sees it fill)
+        self._load_lock = threading.Lock()
+        self._eos: frozenset[int] | None = None
+        self._pool: list[Any] = []
+        self._pool_lock = threading.Lock()
+        weakref.finalize(self, _free_model, llama_cpp, self._loaded, self._pool)
+        if lazy:
+            self.vocab_size, self.hidden_size, self.train_context = gguf_header_facts(self.path)
+        else:
+            self._load()
+        self.n_ctx = min(n_ctx, self.train_context) if self.train_context > 0 else n_ctx
+        self.threads = threads or default_threads()
+
+    def _load(self) -> None:
+        llama_cpp = self.llama_cpp
         _silence_llama_logs(llama_cpp)
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
-        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self.model:
-            raise ModelLoadError(f"llama.cpp could not load {path}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self.vocab))  # rows of the LM head
-        self.hidden_size = int(llama_cpp.llama_model_n_embd(self.model))
-        self.train_context = int(llama_cpp.llama_model_n_ctx_train(self.model))
-        self.n_ctx = min(n_ctx, self.train_context) if self.train_context > 0 else n_ctx
-        self.threads = threads or default_threads()
-        self.eos_token_ids = {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self.vocab, t)}
-        self._pool: list[Any] = []
-        self._pool_lock = threading.Lock()
-        weakref.finalize(self, _free_model, llama_cpp, self.model, self._pool)
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {self.path}")
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        self._loaded[:] = [model, vocab]
+        facts = (int(llama_cpp.llama_vocab_n_tokens(vocab)),  # rows of the LM head
+                 int(llama_cpp.llama_model_n_embd(model)), int(llama_cpp.llama_model_n_ctx_train(model)))
+        if hasattr(self, "vocab_size") and facts != (self.vocab_size, self.hidden_size, self.train_context):
+            raise ModelLoadError(f"llama.cpp read {self.path} as (vocabulary, hidden size, context) {facts}, its header as "
+                                 f"{(self.vocab_size, self.hidden_size, self.train_context)}")
+        self.vocab_size, self.hidden_size, self.train_context = facts
+
+    @property
+    def model(self) -> Any:
+        """The llama.cpp model, loaded now if it was loaded lazily."""
+        if not self._loaded:
+            with self._load_lock:
+                if not self._loaded:
+                    self._load()
+        return self._loaded[0]
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self._loaded)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The end-of-generation tokens (llama.cpp's own rule; this loads a lazy model)."""
+        if self._eos is None:
+            self.model  # noqa: B018  (loads a lazy model)
+            vocab = self._loaded[1]
+            self._eos = frozenset(t for t in range(self.vocab_size) if self.llama_cpp.llama_vocab_is_eog(vocab, t))
+        return self._eos
 
     @property
     def context_window(self) -> int:
@@ -118,11 +159,105 @@ class LlamaCppModel:
         return LlamaCppRunner(self)
 
 
-def _free_model(llama_cpp: Any, model: Any, pool: list[Any]) -> None:
+# GGUF value types (ggml's gguf.h): the size of each fixed-size one; 8 is a string, 9 an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_header_facts(path: Path) -> tuple[int, int, int]:
+    """(vocabulary size, hidden size, training context) from a GGUF file's metadata, without
+    loading it (llama.cpp's own numbers: the token list's length, `ARCH.embedding_length`,
+    `ARCH.context_length`). Arrays are skipped, not read; a ModelLoadError if any is missing."""
+    import struct
+
+    try:
+        return _read_header_facts(path)
+    except (struct.error, ValueError, OSError) as exc:  # a truncated or damaged file
+        raise ModelLoadError(f"cannot read the GGUF metadata of {path}: {exc}") from None
+
+
+def _read_header_facts(path: Path) -> tuple[int, int, int]:
+    import mmap
+    import struct
+
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF" or struct.unpack_from("<I", data, 4)[0] < 2:
+            raise ModelLoadError(f"{path} is not a GGUF file llama.cpp can read (version 2 or later)")
+        count = struct.unpack_from("<Q", data, 16)[0]
+        at = 24
+
+        def string() -> str:
+            nonlocal at
+            size = struct.unpack_from("<Q", data, at)[0]
+            at += 8 + size
+            return data[at - size : at].decode("utf-8", "replace")
+
+        def skip(kind: int, items: int = 1) -> None:
+            nonlocal at
+            if kind in _GGUF_SIZES:
+                at += _GGUF_SIZES[kind] * items
+            elif kind == _GGUF_STRING:
+                for _ in range(items):
+                    at += 8 + struct.unpack_from("<Q", data, at)[0]
+            else:
+                raise ModelLoadError(f"{path}: unsupported GGUF metadata type {kind}")
+
+        values: dict[str, Any] = {}
+
+        def facts() -> tuple[int, int, int] | None:
+            arch = values.get("general.architecture")
+            wanted = ("tokenizer.ggml.tokens", f"{arch}.embedding_length", f"{arch}.context_length")
+            return tuple(int(values[name]) for name in wanted) if all(name in values for name in wanted) else None  # type: ignore[return-value]
+
+        for _ in range(count):
+            key = string()
+            kind = struct.unpack_from("<I", data, at)[0]
+            at += 4
+            if kind == _GGUF_ARRAY:
+                item_kind, items = struct.unpack_from("<IQ", data, at)
+                at += 12
+                if key == "tokenizer.ggml.tokens":
+                    values[key] = items
+                if (found := facts()) is not None:
+                    return found  # before walking the token list's strings
+                skip(item_kind, items)
+                continue
+            if kind == _GGUF_STRING:
+                values[key] = string()
+            elif kind in (4, 5, 10, 11):  # the integer types the facts use
+                values[key] = struct.unpack_from({4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[kind], data, at)[0]
+                skip(kind)
+            else:
+                skip(kind)
+            if (found := facts()) is not None:
+                return found
+    raise ModelLoadError(f"{path}: the GGUF metadata lacks the architecture, its sizes or the token list")
+
+
+def _free_model(llama_cpp: Any, loaded: list[Any], pool: list[Any]) -> None:
     for ctx in pool:
         llama_cpp.llama_free(ctx)
     pool.clear()
-    llama_cpp.llama_model_free(model)
+    if loaded:
+        llama_cpp.llama_model_free(loaded[0])
+
+
+class _EndTokens(collections.abc.Set):
+    """A model's end-of-generation tokens, read from it when first used."""
+
+    def __init__(self, model: LlamaCppModel):
+        self._model = model
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._model.eos_token_ids
+
+    def __iter__(self):
+        return iter(self._model.eos_token_ids)
+
+    def __len__(self) -> int:
+        return len(self._model.eos_token_ids)
+
+    __hash__ = collections.abc.Set._hash
 
 
 class LlamaCppRunner:
@@ -133,12 +268,20 @@ class LlamaCppRunner:
     def __init__(self, model: LlamaCppModel):
         self.model = model
         self.llama_cpp = model.llama_cpp
-        self.ctx = model.borrow()
-        self.memory = self.llama_cpp.llama_get_memory(self.ctx)
         self.batch_size = min(512, model.n_ctx)
-        self.batch = self.llama_cpp.llama_batch_init(self.batch_size, 0, 1)
+        # The context is borrowed at the first feed: a draft runner whose rounds are all
+        # N = 0 never loads a lazy model, nor allocates a KV cache.
+        self.ctx: Any = None
+        self._resources: list[Any] = []  # [ctx, batch] once borrowed, for the finalizer
         self._length = 0
-        weakref.finalize(self, _release, model, self.llama_cpp, self.ctx, self.batch)
+        weakref.finalize(self, _release, model, self.llama_cpp, self._resources)
+
+    def _open(self) -> None:
+        if self.ctx is None:
+            self.ctx = self.model.borrow()
+            self.memory = self.llama_cpp.llama_get_memory(self.ctx)
+            self.batch = self.llama_cpp.llama_batch_init(self.batch_size, 0, 1)
+            self._resources[:] = [self.ctx, self.batch]
 
     @property
     def length(self) -> int:
@@ -149,6 +292,7 @@ class LlamaCppRunner:
         tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         if self._length + len(tokens) > self.model.n_ctx:
             raise UserInputError(f"the llama.cpp context holds {self.model.n_ctx} tokens; this generation needs more")
+        self._open()
         split = len(tokens) - num_logits
         # With embeddings on, llama.cpp outputs every token of a batch; so the positions whose
         # outputs are not wanted go in batches with embeddings off (no outputs at all).
@@ -198,9 +342,11 @@ class LlamaCppRunner:
             self._length = length
 
 
-def _release(model: LlamaCppModel, llama_cpp: Any, ctx: Any, batch: Any) -> None:
-    llama_cpp.llama_batch_free(batch)
-    model.give_back(ctx)
+def _release(model: LlamaCppModel, llama_cpp: Any, resources: list[Any]) -> None:
+    if resources:
+        ctx, batch = resources
+        llama_cpp.llama_batch_free(batch)
+        model.give_back(ctx)
 
 
 def load_llamacpp_model(spec: str) -> tuple[LlamaCppModel, Any, str]:
@@ -235,8 +381,23 @@ class LlamaCppBackend(Backend):
         return load_llamacpp_model(spec)  # the GGUF's own weights: no torch dtype applies
 
     def facts(self, model):
-        return ModelFacts(model.vocab_size, model.hidden_size, model.context_window, frozenset(model.eos_token_ids),
-                          torch.device("cpu"), "gguf")
+        eos = model.eos_token_ids if model.loaded else _EndTokens(model)  # a lazy draft's facts do not load it
+        return ModelFacts(model.vocab_size, model.hidden_size, model.context_window, eos, torch.device("cpu"), "gguf")
+
+    def load_draft(self, spec, target_spec):
+        """(model, tokenizer or None, name) of a pair's draft, cheaper than `load` (models.load_pair
+        asks for it by name): the weights load at the draft's first forward, so a run whose
+        rounds are all N = 0 never loads them; and no tokenizer is returned (none loaded) when
+        the draft's vocabulary files are byte for byte the target's, the one thing the draft's
+        tokenizer would be loaded for."""
+        import_llama_cpp()
+        path, target_path = gguf_path(spec), gguf_path(target_spec)
+        if path is None:
+            raise UserInputError(_no_gguf(spec))
+        name = spec if spec in EMBEDDED else path.stem
+        fingerprint = vocabulary_fingerprint(path)
+        same = fingerprint is not None and target_path is not None and fingerprint == vocabulary_fingerprint(target_path)
+        return LlamaCppModel(path, lazy=True), None if same else load_gguf_tokenizer(path), name
 
     def runner(self, model, vocab_size, longest_feed=None):
         return model.runner()

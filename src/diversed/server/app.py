@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ..errors import DiversedError
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("diversed.server")
 
+WARM_LINE = "warmed up"  # printed once start-up work is done, before the port opens
 MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context window; stops memory abuse early
 
 __all__ = ["create_app", "resolve_default_spec"]
@@ -36,9 +39,19 @@ def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # uvicorn binds the port only after this startup: nothing (not even /health) is
+        # answered until the first request would find everything warm.
         service.start()
-        yield
-        service.close()
+        try:
+            # The preparation process first: its spawn competes for the CPU, and llama.cpp's
+            # spinning threads slow down many times under competing load.
+            await service.worker.ready()
+            print("warming up (step costs, the models' first forwards)...", file=sys.stderr, flush=True)
+            seconds = await asyncio.to_thread(service.warm_up)
+            print(f"{WARM_LINE} in {seconds:.1f} s", file=sys.stderr, flush=True)
+            yield
+        finally:
+            service.close()
 
     app = FastAPI(title="diversed", summary="OpenAI-compatible relaxed speculative decoding", lifespan=lifespan)
     app.add_middleware(RequestMetricsMiddleware, telemetry=service.telemetry)

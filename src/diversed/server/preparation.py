@@ -106,6 +106,12 @@ class PrepareWorker:
         if self._pool is None:
             self._pool = asyncio.ensure_future(asyncio.to_thread(self._spawn, None))
 
+    async def ready(self) -> None:
+        """Once the process can take work (a large first body then waits for no spawn)."""
+        self.start()
+        assert self._pool is not None
+        await asyncio.shield(self._pool)
+
     def _spawn(self, old: Pool | None) -> Pool:
         """On a thread: stop `old`, then start a process and wait until it can take work."""
         if old is not None:

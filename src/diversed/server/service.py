@@ -5,21 +5,25 @@ and telemetry (app.py adds the routes)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import UserInputError
-from ..generation import Generation, MethodSpec, build_verifier, default_method, start_generation
+from ..engine import AUTO
+from ..generation import Generation, MethodSpec, build_verifier, default_method, make_policy, start_generation
 from ..head import HeadMismatchError
 from ..methods import AR
 from ..models import ModelPair
+from ..proposers import get_proposer
 from .api_errors import ApiError
 from .preparation import IN_PROCESS_BODY_BYTES, PrepareContext, Prepared, PrepareWorker, prepare_request
 from .scheduler import Job, Scheduler
-from .schemas import Flavor, PrepareTimeoutError, ServerSettings
+from .schemas import CHAT, COMPLETIONS, Flavor, PrepareTimeoutError, ServerSettings
 from .telemetry import Telemetry
 
 
@@ -31,6 +35,14 @@ def resolve_default_spec(pair: ModelPair, settings: ServerSettings) -> MethodSpe
     if spec.method not in settings.allowed_methods:
         raise UserInputError(f"the default method {spec.label} is not in --allowed-methods ({', '.join(settings.allowed_methods)}); pass --method")
     return spec
+
+
+# The warm-up generation (`GenerationService.warm_up`): a short prompt, a few tokens, and a
+# draft length that makes the draft run and the target verify more than one token.
+WARM_UP_PROMPT = "Hello"
+WARM_UP_TOKENS = 4
+WARM_UP_DRAFT_LENGTH = 2
+LOSSLESS = "exact"  # what warms the draft when the default method is `ar`
 
 
 class GenerationService:
@@ -51,6 +63,40 @@ class GenerationService:
     def start(self) -> None:
         """Called once the event loop runs: spawn the preparation process."""
         self.worker.start()
+
+    def warm_up(self) -> float:
+        """Pay now, before the server reports ready, what its first request would pay: the
+        step costs `draft_length: "auto"` needs (measured once per machine and cached, but
+        a fresh cache, or one without N_max = --max-draft-length, is measured here), the
+        runners' first forwards (contexts allocated, weights paged in), the draft's first use,
+        the chat template's compilation and the detokenizer. One short generation through the
+        request path (prepare_request, the verifier, start_generation), at a fixed draft
+        length so that the draft runs even where `auto` would choose plain target steps.
+        Returns its seconds (also `diversed_warmup_seconds`)."""
+        started = time.perf_counter()
+        settings, pair = self.settings, self.pair
+        flavor = CHAT if getattr(pair.tokenizer, "chat_template", None) else COMPLETIONS
+        body: dict[str, Any] = {"max_tokens": min(WARM_UP_TOKENS, settings.max_tokens_limit), "seed": 0}
+        body.update({"messages": [{"role": "user", "content": WARM_UP_PROMPT}]} if flavor.chat else {"prompt": WARM_UP_PROMPT})
+        prepared = prepare_request(json.dumps(body).encode(), flavor, self.context)
+        spec, config = self._warm_up_spec(), prepared.config
+        if spec.method != AR:
+            # Any request may ask for "auto", whatever the server's default draft length.
+            make_policy(pair, dataclasses.replace(config, draft_length=AUTO))
+            config = dataclasses.replace(config, draft_length=min(WARM_UP_DRAFT_LENGTH, settings.max_draft_length))
+        for _ in self._start_generation(dataclasses.replace(prepared, spec=spec, config=config)):
+            pass
+        seconds = time.perf_counter() - started
+        self.telemetry.warmup_seconds.set(seconds)
+        return seconds
+
+    def _warm_up_spec(self) -> MethodSpec:
+        """The default method; `exact` instead of a default `ar` where requests may draft, so the draft is warm too."""
+        spec = self.default_spec
+        drafting = self.pair.draft is not None or not get_proposer(self.settings.defaults.proposer).needs_draft_model
+        if spec.method == AR and LOSSLESS in self.settings.allowed_methods and drafting:
+            return MethodSpec(LOSSLESS)
+        return spec
 
     def close(self) -> None:
         self.scheduler.shutdown()

@@ -40,6 +40,10 @@ class Telemetry:
             "diversed_prepare_restarts", "Preparation processes stopped and respawned (a request past --prepare-timeout, or its client gone)",
             registry=registry,
         )
+        self.warmup_seconds = Gauge(
+            "diversed_warmup_seconds", "Seconds of the start-up warm-up (step costs, first forwards) before the server reported ready",
+            registry=registry,
+        )
         in_flight = Gauge("diversed_requests_in_flight", "Generations running or waiting for the model", registry=registry)
         in_flight.set_function(lambda: scheduler.in_flight)
 
