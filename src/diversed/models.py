@@ -133,8 +133,7 @@ def load_pair(
     chosen, reason = chosen.settle(target_model, target_name, reason)
     if draft is None:
         return ModelPair(target_model, None, tokenizer, target_name, None, chosen, reason)
-    load_draft = getattr(chosen, "load_draft", None)  # a backend's cheaper way to load a draft, if it has one
-    draft_model, draft_tokenizer, draft_name = load_draft(draft, target) if load_draft is not None else chosen.load(draft, dtype, device)
+    draft_model, draft_tokenizer, draft_name = chosen.load_draft(draft, target, dtype, device)
     chosen, reason = chosen.settle(draft_model, draft_name, reason)
     if draft_tokenizer is not None:  # None: the backend found the draft's vocabulary files equal to the target's
         check_vocabularies(tokenizer, draft_tokenizer, target_name, draft_name)

@@ -71,6 +71,12 @@ class Backend(ABC):
     def load(self, spec: str, dtype: str, device: str) -> tuple[Any, Any, str]:
         """(model, tokenizer, display name) for a model spec; one-line errors for what it cannot load."""
 
+    def load_draft(self, spec: str, target_spec: str, dtype: str, device: str) -> tuple[Any, Any | None, str]:
+        """(model, tokenizer or None, display name) of a pair's draft. A tokenizer of None means the
+        backend found the draft's vocabulary identical to the target's (`models.load_pair` then skips
+        the comparison); by default the draft loads like any model."""
+        return self.load(spec, dtype, device)
+
     @abstractmethod
     def facts(self, model: Any) -> ModelFacts:
         """The facts of a model this backend loaded."""

@@ -384,9 +384,8 @@ class LlamaCppBackend(Backend):
         eos = model.eos_token_ids if model.loaded else _EndTokens(model)  # a lazy draft's facts do not load it
         return ModelFacts(model.vocab_size, model.hidden_size, model.context_window, eos, torch.device("cpu"), "gguf")
 
-    def load_draft(self, spec, target_spec):
-        """(model, tokenizer or None, name) of a pair's draft, cheaper than `load` (models.load_pair
-        asks for it by name): the weights load at the draft's first forward, so a run whose
+    def load_draft(self, spec, target_spec, dtype, device):
+        """(model, tokenizer or None, name) of a pair's draft, cheaper than `load`: the weights load at the draft's first forward, so a run whose
         rounds are all N = 0 never loads them; and no tokenizer is returned (none loaded) when
         the draft's vocabulary files are byte for byte the target's, the one thing the draft's
         tokenizer would be loaded for."""
