@@ -42,25 +42,6 @@ from diversed.runners import torch_decode
 from diversed.tasks import get_task
 
 
-@contextlib.contextmanager
-def todays_kernels(pair):
-    """The pair on transformers' own attention dispatch and cache, for the time of the block."""
-    from transformers import DynamicCache
-
-    models = [pair.target, pair.draft]
-    before = [model.config._attn_implementation for model in models]
-    own_cache = torch_decode.growing_cache
-    for model in models:
-        model.set_attn_implementation("sdpa")
-    torch_decode.growing_cache = lambda config: DynamicCache(config=config)
-    try:
-        yield
-    finally:
-        torch_decode.growing_cache = own_cache
-        for model, implementation in zip(models, before):
-            model.set_attn_implementation(implementation)
-
-
 def settings_for(args, task) -> EvalSettings:
     return EvalSettings(task=task.name, split=args.split, target="embedded target", draft="embedded draft", dtype=args.dtype,
                         temperature=1.0, top_k=0, top_p=1.0, draft_length=args.draft_length, max_new_tokens=args.max_new_tokens,
@@ -86,7 +67,7 @@ def counted_steps(counts: list[int]):
 
 def run_path(pair, task, examples, specs, settings, batch: int, today: bool) -> dict:
     counts = [0, 0]
-    with tempfile.TemporaryDirectory() as folder, todays_kernels(pair) if today else contextlib.nullcontext(), counted_steps(counts):
+    with tempfile.TemporaryDirectory() as folder, torch_decode.transformers_kernels(pair.target, pair.draft) if today else contextlib.nullcontext(), counted_steps(counts):
         started = time.perf_counter()
         run_eval(LockstepRows(pair, batch), task, examples, specs, settings, folder, progress=False)
         seconds = time.perf_counter() - started

@@ -8,30 +8,14 @@ equal those of transformers' SDPA dispatch with its `DynamicCache`.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from transformers import DynamicCache
 
 from diversed.runners import torch_decode
 from diversed.runners.base import left_pad
 from diversed.runners.hf import TorchBatch, TorchRunner
 
 CLOSE = dict(rtol=1e-5, atol=1e-5)
-
-
-@contextlib.contextmanager
-def transformers_own(model):
-    """The model on transformers' SDPA dispatch and a concatenating `DynamicCache`, for the block."""
-    own_cache, implementation = torch_decode.growing_cache, model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    torch_decode.growing_cache = lambda config: DynamicCache(config=config)
-    try:
-        yield
-    finally:
-        torch_decode.growing_cache = own_cache
-        model.set_attn_implementation(implementation)
 
 
 def test_models_load_on_the_packed_attention(tiny_pair):
@@ -81,7 +65,7 @@ def _batch_trace(model, vocab_size: int, prompts: list[list[int]], joining: list
 def test_a_batch_decodes_as_on_transformers_own_kernels(tiny_pair, prompts):
     model, vocab = tiny_pair.target, tiny_pair.vocab_size
     ours = _batch_trace(model, vocab, prompts, joining=[4, 5, 6, 7, 8, 9, 3, 4])
-    with transformers_own(model):
+    with torch_decode.transformers_kernels(model):
         theirs = _batch_trace(model, vocab, prompts, joining=[4, 5, 6, 7, 8, 9, 3, 4])
     assert len(ours) == len(theirs)
     for mine, reference in zip(ours, theirs):
@@ -97,7 +81,7 @@ def test_a_runner_rolls_back_in_place_and_decodes_as_a_fresh_one(tiny_pair):
     runner.rollback(6)  # keep one of the three verified tokens
     assert runner.length == 6
     logits, hidden = runner.feed([5, 4], 2)
-    with transformers_own(model):
+    with torch_decode.transformers_kernels(model):
         fresh = TorchRunner(model, vocab)
         expected_logits, expected_hidden = fresh.feed([3, 4, 5, 6, 7, 8, 5, 4], 2)
     torch.testing.assert_close(logits, expected_logits, **CLOSE)

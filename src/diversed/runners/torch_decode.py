@@ -18,7 +18,8 @@ docs/performance.md ("Lockstep batches") has the measurement behind both.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -147,3 +148,20 @@ def growing_cache(config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+@contextlib.contextmanager
+def transformers_kernels(*models: Any) -> Iterator[None]:
+    """`models` on transformers' own SDPA dispatch, and new caches concatenating, for the time of the
+    block: the baseline these kernels are tested (tests/test_torch_decode.py) and timed against."""
+    global growing_cache
+    own_cache, implementations = growing_cache, [model.config._attn_implementation for model in models]
+    for model in models:
+        model.set_attn_implementation("sdpa")
+    growing_cache = lambda config: DynamicCache(config=config)  # noqa: E731
+    try:
+        yield
+    finally:
+        growing_cache = own_cache
+        for model, implementation in zip(models, implementations):
+            model.set_attn_implementation(implementation)
