@@ -86,6 +86,22 @@ class _GrowingStates:
         return self
 
 
+class _GrowingAttribute:
+    """A layer's `keys` or `values`: reads a view of its growing buffer; assigning copies into a new one."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        states = getattr(layer, self.slot, None)
+        return None if states is None else states.view()
+
+    def __set__(self, layer: Any, states: torch.Tensor | None) -> None:
+        setattr(layer, self.slot, None if states is None or states.dim() != 4 else _GrowingStates(states))
+
+
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose `keys` and `values` are views of growing buffers (see the module docstring).
 
@@ -98,21 +114,8 @@ class GrowingLayer(DynamicLayer):
         self._values: _GrowingStates | None = None
         super().__init__(**kwargs)
 
-    @property
-    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._keys is None else self._keys.view()
-
-    @keys.setter
-    def keys(self, states: torch.Tensor | None) -> None:
-        self._keys = None if states is None or states.dim() != 4 else _GrowingStates(states)
-
-    @property
-    def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._values is None else self._values.view()
-
-    @values.setter
-    def values(self, states: torch.Tensor | None) -> None:
-        self._values = None if states is None or states.dim() != 4 else _GrowingStates(states)
+    keys = _GrowingAttribute()
+    values = _GrowingAttribute()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
