@@ -35,7 +35,7 @@ import torch
 
 from diversed.calibration import machine_summary
 from diversed.evaluate import EvalSettings, LockstepRows, encodable_examples, load_rows, run_eval
-from diversed.evaluate import lockstep
+from diversed import lockstep
 from diversed.generation import MethodSpec
 from diversed.models import load_pair
 from diversed.runners import torch_decode
@@ -51,18 +51,18 @@ def settings_for(args, task) -> EvalSettings:
 @contextlib.contextmanager
 def counted_steps(counts: list[int]):
     """Count lockstep steps and the rows in them (counts: [steps, row-steps]) for the time of the block."""
-    step = lockstep._Batch.step
+    step = lockstep.Batch.step
 
     def counting(batch):
         counts[0] += 1
         counts[1] += len(batch.states)
         return step(batch)
 
-    lockstep._Batch.step = counting
+    lockstep.Batch.step = counting
     try:
         yield
     finally:
-        lockstep._Batch.step = step
+        lockstep.Batch.step = step
 
 
 def run_path(pair, task, examples, specs, settings, batch: int, today: bool) -> dict:

@@ -185,6 +185,7 @@ class Generation:
     policy: DraftLengthPolicy | None = None
     metrics: Metrics = field(default_factory=Metrics)
     result: GenerationResult | None = None
+    text: IncrementalText | None = None  # the emitted tokens and their text, once iteration starts
 
     def __iter__(self) -> Iterator[str]:
         config = self.config
@@ -193,11 +194,9 @@ class Generation:
             raise UserInputError(f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context window ({self.pair.context_window})")
         if config.max_new_tokens > budget:
             config = dataclasses.replace(config, max_new_tokens=budget)
-        text = IncrementalText(self.pair.tokenizer)
-        released = ""
+        self.text = text = IncrementalText(self.pair.tokenizer)
+        release = TextRelease(config.stop)
         finish_reason = "length"
-        longest_stop = max((len(s) for s in config.stop), default=0)
-        hold = max(longest_stop - 1, 0)
         clock = RoundClock()
         tokens = decode(
             self.pair.runner("target", longest_feed=config.longest_draft + 1),
@@ -212,32 +211,51 @@ class Generation:
         )
         for chunk in tokens:
             current = text.extend(chunk)
-            # A stop string wholly inside the released text would have been found in an earlier round.
-            cut = first_stop(current, config.stop, start=max(0, len(released) - longest_stop + 1))
+            cut = release.find_stop(current)
             if cut is not None:
                 finish_reason = "stop"
-                current = current[:cut]
                 tokens.close()
-                if len(current) > len(released):
-                    yield current[len(released) :]
-                released = current
+                yield from release.final(current[:cut])
                 break
-            safe = len(current) - hold
-            while safe > len(released) and current[safe - 1] == "\ufffd":
-                safe -= 1
-            if safe > len(released):
-                yield current[len(released) : safe]
-                released = current[:safe]
+            yield from release.safe(current)
         else:
             if len(text.ids) < config.max_new_tokens:
                 finish_reason = "stop"  # EOS
-            if len(text.text) > len(released):
-                yield text.text[len(released) :]
-            released = text.text
+            yield from release.final(text.text)
         from .calibration import correct_costs
 
         correct_costs(self.pair, clock.forwards)  # a calibration taken under load is corrected by this run's timings
-        self.result = GenerationResult(released, text.ids, self.method, self.metrics, finish_reason)
+        self.result = GenerationResult(release.released, text.ids, self.method, self.metrics, finish_reason)
+
+
+class TextRelease:
+    """A streamed text's deltas, released only once they cannot change: an incomplete UTF-8
+    sequence and any tail that could still become a stop string are held back."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.longest_stop = max((len(s) for s in stops), default=0)
+        self.released = ""
+
+    def find_stop(self, current: str) -> int | None:
+        """Where a stop string begins in `current`, looking only where one may have newly appeared
+        (one wholly inside the released text would have been found earlier)."""
+        return first_stop(current, self.stops, start=max(0, len(self.released) - self.longest_stop + 1))
+
+    def safe(self, current: str) -> Iterator[str]:
+        """The delta of `current` (the whole text so far) that can no longer change (zero or one string)."""
+        safe = len(current) - max(self.longest_stop - 1, 0)
+        while safe > len(self.released) and current[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > len(self.released):
+            yield current[len(self.released) : safe]
+            self.released = current[:safe]
+
+    def final(self, text: str) -> Iterator[str]:
+        """The rest of the final `text` (zero or one string)."""
+        if len(text) > len(self.released):
+            yield text[len(self.released) :]
+        self.released = text
 
 
 class IncrementalText:

@@ -113,16 +113,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(serve_args: list[str], log_path: Path, *, threads: int | None = None, health_timeout: float = 90.0) -> Iterator[str]:
+def served(serve_args: list[str], log_path: Path, *, threads: int | None = None, health_timeout: float = 90.0,
+           python: str = sys.executable) -> Iterator[str]:
     """Run `diversed serve SERVE_ARGS` as a real process on a free loopback port; yield its URL.
 
     Waits for /health, raises RuntimeError (with the server's log) if it dies or stays
-    unhealthy, and stops the process on exit. `threads` sets OMP_NUM_THREADS for it.
+    unhealthy, and stops the process on exit. `threads` sets OMP_NUM_THREADS for it; `python`
+    is the interpreter of the environment it runs in (vLLM's, for `--engine vllm`).
     """
     import httpx
 
     port = free_port()
-    command = [sys.executable, "-m", "diversed.cli", "serve", "--port", str(port), *serve_args]
+    command = [python, "-m", "diversed.cli", "serve", "--port", str(port), *serve_args]
     env = dict(os.environ) if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import TYPE_CHECKING
 
 from ..methods import METHODS, needs_draft
 from ..server import limits
 from ..server.schemas import ServerSettings
-from .args import add_method_args, add_model_args, add_sampling_args, config_from_args, method_spec_from_args, pair_from_args
+from .args import (add_method_args, add_model_args, add_sampling_args, config_from_args, draft_model_spec, method_spec_from_args,
+                   pair_from_args)
+
+if TYPE_CHECKING:
+    from ..models import ModelPair
 
 
 def _method_list(text: str) -> tuple[str, ...]:
@@ -33,6 +38,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--max-draft-length", type=int, default=ServerSettings.max_draft_length, help="largest speculative.draft_length")
     group.add_argument("--allowed-methods", type=_method_list, default=METHODS, help=f"comma-separated (default: all of {','.join(METHODS)})")
     group.add_argument("--queue-size", type=int, default=ServerSettings.queue_size, help="requests that may wait for the model; more get 429")
+    group.add_argument("--max-batch", type=int, default=ServerSettings.max_batch,
+                       help="concurrent requests that may decode together, from the number at which that is measured to be "
+                            "faster than one at a time (1: one at a time; docs/server.md)")
     group.add_argument("--request-timeout", type=float, default=ServerSettings.request_timeout, help="seconds per request, queueing included")
     group.add_argument("--max-prompt-bytes", type=int, default=ServerSettings.max_prompt_bytes, help="larger prompts get a 413 before tokenising (default 1 MiB)")
     group.add_argument("--max-connections", type=int, default=limits.MAX_CONNECTIONS, help="open connections; beyond that uvicorn answers 503")
@@ -56,6 +64,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_draft_length=args.max_draft_length,
         allowed_methods=args.allowed_methods,
         queue_size=args.queue_size,
+        max_batch=args.max_batch,
         request_timeout=args.request_timeout,
         max_prompt_bytes=args.max_prompt_bytes,
         body_timeout=args.body_timeout,
@@ -72,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     pair = pair_from_args(args, needs_draft=any(needs_draft(method) for method in settings.allowed_methods))
-    app = create_app(pair, settings)
+    app = create_app(pair, settings, batch_pair=_batch_pair(args, pair, settings))
     print(
         f"serving {settings.model_name or pair.target_name} (draft {pair.draft_name}) on http://{args.host}:{args.port}/v1, "
         f"default method {app.state.default_spec.label}, backend {pair.backend.name} ({pair.backend_reason})",
@@ -80,6 +89,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5, **limits.uvicorn_limits(args.max_connections, args.header_timeout))
     return 0
+
+
+def _batch_pair(args: argparse.Namespace, pair: ModelPair, settings: ServerSettings) -> ModelPair | None:
+    """The pair concurrent requests decode together on: `pair` itself when its backend decodes
+    batches, else the same models loaded for torch (the faster batched dtype here), None where
+    that cannot be (no draft, --max-batch 1, a model torch cannot load)."""
+    if settings.max_batch < 2 or pair.draft is None:
+        return None
+    if pair.backend.can_batch:
+        return pair
+    from ..calibration import batched_dtype
+    from ..errors import UserInputError
+    from ..models import load_pair
+    from ..runners import batch_backend
+
+    dtype, why = batched_dtype(args.device)
+    try:
+        batch_pair = load_pair(args.target, draft_model_spec(args), dtype, device=args.device, backend=batch_backend(),
+                               reason=f"batched requests ({why})")
+    except (UserInputError, OSError, ValueError) as error:
+        print(f"note: concurrent requests decode one at a time: the pair cannot load for {batch_backend().name} ({error})", file=sys.stderr)
+        return None
+    print(f"note: concurrent requests may decode together on {batch_backend().name}, {why}", file=sys.stderr)
+    return batch_pair
 
 
 def _serve_with_vllm(args: argparse.Namespace) -> int:

@@ -29,13 +29,16 @@ MAX_BODY_BYTES = 8 << 20  # far above any prompt that fits a context window; sto
 __all__ = ["create_app", "resolve_default_spec"]
 
 
-def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings()) -> FastAPI:
-    """The ASGI app serving `pair`. Fails fast (UserInputError...) on a bad default method."""
+def create_app(pair: ModelPair, settings: ServerSettings = ServerSettings(), batch_pair: ModelPair | None = None) -> FastAPI:
+    """The ASGI app serving `pair`. Fails fast (UserInputError...) on a bad default method.
+
+    `batch_pair` (a backend that decodes batches; `pair` itself when its backend does) lets
+    concurrent requests decode together (server/batching.py), up to `settings.max_batch`."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
 
-    service = GenerationService(pair, settings)
+    service = GenerationService(pair, settings, batch_pair)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

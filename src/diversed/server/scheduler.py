@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from ..generation import Generation, GenerationResult
+from .batching import ServedGeneration
 from .schemas import QueueFullError, RequestTimeoutError
 
 if TYPE_CHECKING:
@@ -29,11 +30,14 @@ class ClientDisconnected(Exception):
 
 
 class Scheduler:
-    """One generation at a time on one worker thread, at most `queue_size` waiting behind it."""
+    """One generation at a time on one worker thread, at most `queue_size` waiting behind it.
 
-    def __init__(self, queue_size: int):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diversed-generate")
+    With `relays`, every admitted job gets a thread of its own that only relays: the batch
+    worker (batching.py) decodes them, alone or together."""
+
+    def __init__(self, queue_size: int, relays: bool = False):
         self._capacity = queue_size + 1
+        self._executor = ThreadPoolExecutor(max_workers=self._capacity if relays else 1, thread_name_prefix="diversed-generate")
         self._in_flight = 0
         self._cancels: set[threading.Event] = set()
         self._lock = threading.Lock()  # done-callbacks run on the worker thread
@@ -79,13 +83,16 @@ class Job:
     client that leaves or a request that times out frees the model within one round.
     """
 
-    def __init__(self, scheduler: Scheduler, generation: Generation, timeout: float, on_finish: Callable[[Job], None]):
+    def __init__(self, scheduler: Scheduler, generation: Generation | ServedGeneration, timeout: float, on_finish: Callable[[Job], None]):
         self.generation = generation
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.queued_at = time.monotonic()
         self.started_at: float | None = None
-        self.cancel = threading.Event()
+        # A batched generation watches the same flag and deadline while it waits for the batch worker.
+        self.cancel = generation.cancel if isinstance(generation, ServedGeneration) else threading.Event()
+        if isinstance(generation, ServedGeneration):
+            generation.deadline = self.deadline
         self._on_finish = on_finish
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Any] = asyncio.Queue()

@@ -44,6 +44,7 @@ class ServerSettings:
     max_draft_length: int = 16
     allowed_methods: tuple[str, ...] = METHODS
     queue_size: int = 16  # requests that may wait while one generates
+    max_batch: int = 16  # requests that may decode together (batching.py); 1: one at a time
     request_timeout: float = 600.0  # seconds from arrival to the last token, queueing included
     model_name: str | None = None  # the id clients pass as `model`; default: the target's name
     max_prompt_bytes: int = MAX_PROMPT_BYTES  # larger prompts get a 413 before tokenisation
@@ -59,6 +60,7 @@ class ServerSettings:
                 f"--draft-length {self.defaults.draft_length} exceeds --max-draft-length {self.max_draft_length}",
             ),
             (self.queue_size >= 0, f"--queue-size must be >= 0, got {self.queue_size}"),
+            (self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}"),
             (self.request_timeout > 0, f"--request-timeout must be > 0, got {self.request_timeout}"),
             (self.max_prompt_bytes >= 1, f"--max-prompt-bytes must be >= 1, got {self.max_prompt_bytes}"),
             (self.body_timeout > 0, f"--body-timeout must be > 0, got {self.body_timeout}"),

@@ -21,6 +21,7 @@ from ..methods import AR
 from ..models import ModelPair
 from ..proposers import get_proposer
 from .api_errors import ApiError
+from .batching import BatchPlan, BatchWorker, ServedGeneration, measure_plan
 from .preparation import IN_PROCESS_BODY_BYTES, PrepareContext, Prepared, PrepareWorker, prepare_request
 from .scheduler import Job, Scheduler
 from .schemas import CHAT, COMPLETIONS, Flavor, PrepareTimeoutError, ServerSettings
@@ -48,13 +49,17 @@ LOSSLESS = "exact"  # what warms the draft when the default method is `ar`
 class GenerationService:
     """One pair served. Fails fast (UserInputError...) on a bad default method or head."""
 
-    def __init__(self, pair: ModelPair, settings: ServerSettings):
+    def __init__(self, pair: ModelPair, settings: ServerSettings, batch_pair: ModelPair | None = None):
         self.pair, self.settings = pair, settings
         self.default_spec = resolve_default_spec(pair, settings)
         self.verifier_for = functools.lru_cache(maxsize=64)(functools.partial(build_verifier, pair))
         self.verifier_for(self.default_spec)  # a bad or mismatched default head fails at startup, not per request
         self.model_name = settings.model_name or pair.target_name
-        self.scheduler = Scheduler(settings.queue_size)
+        # Batching needs a pair that decodes batches, with its draft; until warm_up measures
+        # when it pays (BatchPlan), the worker runs every request alone.
+        batching = batch_pair is not None and batch_pair.draft is not None and settings.max_batch > 1
+        self.batcher = BatchWorker(pair, batch_pair, BatchPlan(None, settings.max_batch), settings.max_draft_length) if batching else None
+        self.scheduler = Scheduler(settings.queue_size, relays=batching)
         self.telemetry = Telemetry(self.scheduler)
         self.preparers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="diversed-prepare")  # bounded: tokenising is CPU work
         self.context = PrepareContext(settings, self.default_spec, self.model_name, pair.tokenizer, pair.context_window)
@@ -71,7 +76,8 @@ class GenerationService:
         runners' first forwards (contexts allocated, weights paged in), the draft's first use,
         the chat template's compilation and the detokenizer. One short generation through the
         request path (prepare_request, the verifier, start_generation), at a fixed draft
-        length so that the draft runs even where `auto` would choose plain target steps.
+        length so that the draft runs even where `auto` would choose plain target steps. Where
+        requests may decode together, then the measurement of when that pays (`measure_plan`).
         Returns its seconds (also `diversed_warmup_seconds`)."""
         started = time.perf_counter()
         settings, pair = self.settings, self.pair
@@ -86,6 +92,11 @@ class GenerationService:
             config = dataclasses.replace(config, draft_length=min(WARM_UP_DRAFT_LENGTH, settings.max_draft_length))
         for _ in self._start_generation(dataclasses.replace(prepared, spec=spec, config=config)):
             pass
+        if self.batcher is not None:
+            # When batching pays, measured here: the default method alone against lockstep steps.
+            self.batcher.plan = measure_plan(self._start_generation(prepared, batched=False), self.batcher.batch_pair,
+                                             settings.max_batch, settings.max_draft_length)
+            self.telemetry.batch_from.set(self.batcher.plan.min_rows or 0)
         seconds = time.perf_counter() - started
         self.telemetry.warmup_seconds.set(seconds)
         return seconds
@@ -99,11 +110,13 @@ class GenerationService:
         return spec
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self.scheduler.shutdown()
         self.preparers.shutdown(wait=False, cancel_futures=True)
         self.worker.close()
 
-    async def prepare(self, raw: bytes, flavor: Flavor) -> tuple[Prepared, Generation]:
+    async def prepare(self, raw: bytes, flavor: Flavor) -> tuple[Prepared, Generation | ServedGeneration]:
         """Everything between a received body and the queue, within --prepare-timeout (else
         PrepareTimeoutError). Cancelling it (a client gone) stops the preparation process's work."""
         loop = asyncio.get_running_loop()
@@ -122,16 +135,20 @@ class GenerationService:
             raise PrepareTimeoutError(f"the request could not be prepared within {self.settings.prepare_timeout:g} s (the server's --prepare-timeout)") from None
         return prepared, generation
 
-    def _start_generation(self, prepared: Prepared) -> Generation:
-        """The verifier (a head may load) and the generation's proposer and policy: on a preparation thread."""
+    def _start_generation(self, prepared: Prepared, batched: bool = True) -> Generation | ServedGeneration:
+        """The verifier (a head may load) and the generation's proposer and policy: on a preparation thread.
+        With batching on, the generation the batch worker runs."""
         try:
             verifier = self.verifier_for(prepared.spec)
         except HeadMismatchError:
             # The message would show the server's files: name the field instead.
             raise ApiError(f"speculative.head {prepared.spec.head!r} was trained for another model pair", param="speculative.head") from None
-        return start_generation(self.pair, prepared.prompt_ids, prepared.spec, prepared.config, verifier=verifier)
+        generation = start_generation(self.pair, prepared.prompt_ids, prepared.spec, prepared.config, verifier=verifier)
+        if self.batcher is None or not batched:
+            return generation
+        return ServedGeneration(self.batcher, generation, prepared.config.seed)
 
-    def queue(self, prepared: Prepared, generation: Generation) -> Job:
+    def queue(self, prepared: Prepared, generation: Generation | ServedGeneration) -> Job:
         """The generation, queued for the model (QueueFullError when the queue is full)."""
         method = prepared.spec.method
         return Job(self.scheduler, generation, self.settings.request_timeout, lambda job: self.telemetry.record_job(job, method))
@@ -149,4 +166,14 @@ class GenerationService:
         return {
             "status": "ok", "model": self.model_name, "draft": self.pair.draft_name, "default_method": self.default_spec.label,
             "allowed_methods": list(self.settings.allowed_methods), "in_flight": self.scheduler.in_flight, "capacity": self.scheduler.capacity,
+            "batch": self._batch_health(),
         }
+
+    def _batch_health(self) -> dict[str, Any] | None:
+        """Whether and from how many requests concurrent requests decode together, and the measurement behind it."""
+        if self.batcher is None:
+            return None
+        plan = self.batcher.plan
+        return {"from_requests": plan.min_rows, "max_rows": plan.max_rows, "rows_now": self.batcher.rows,
+                "solo_tokens_per_second": round(plan.solo_tokens_per_second, 2),
+                "step_seconds": {"1": round(plan.batch_step_seconds[0], 4), str(plan.max_rows): round(plan.batch_step_seconds[1], 4)}}

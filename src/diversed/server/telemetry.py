@@ -44,6 +44,10 @@ class Telemetry:
             "diversed_warmup_seconds", "Seconds of the start-up warm-up (step costs, first forwards) before the server reported ready",
             registry=registry,
         )
+        self.batch_from = Gauge(
+            "diversed_batch_from_requests", "Requests in flight from which they decode together (0: never; measured at start-up)",
+            registry=registry,
+        )
         in_flight = Gauge("diversed_requests_in_flight", "Generations running or waiting for the model", registry=registry)
         in_flight.set_function(lambda: scheduler.in_flight)
 
