@@ -197,11 +197,13 @@ def test_vllm_batch_verifier_follows_the_guarded_law():
     assert chi_square_pvalue(_observed(output, list(range(0, REQUESTS, 2))), _theory(StaticEnsemble(0.5)), REQUESTS // 2) > 1e-4
 
 
-def test_vllm_requests_refuse_a_guard_until_the_worker_has_the_tokenizer():
+def test_vllm_requests_name_a_guard_and_the_worker_builds_it_from_the_tokenizer():
     from diversed.integrations.vllm import requests
 
+    spec = requests.request_spec({"speculative": {"method": "static", "weight": 0.5, "guard": 0.05}}, MethodSpec("exact"))
+    assert spec.label == "static:0.5:0.05"
     with pytest.raises(requests.RequestError) as caught:
-        requests.request_spec({"speculative": {"method": "static", "weight": 0.5, "guard": 0.05}}, MethodSpec("exact"))
+        requests.request_spec({"speculative": {"method": "static", "weight": 0.5, "guard": 2}}, MethodSpec("exact"))
     assert caught.value.field == "speculative.guard"
     eos = 1
     from diversed.testing import build_char_tokenizer

@@ -19,7 +19,7 @@ from diversed.testing import build_tiny_vllm_pair  # noqa: E402
 
 from .conftest import FIXTURE_DATA  # noqa: E402
 
-METHODS = "exact,static:0.5,cascade:opt:0"
+METHODS = "exact,static:0.5,cascade:opt:0,static:0.5:0.05"  # the last one guarded (EOS, from vLLM's stop ids)
 
 
 @pytest.fixture(scope="module")
@@ -80,5 +80,6 @@ def test_a_rerun_adds_only_the_missing_rows(pair, run):
     assert (run / "rows.jsonl").read_text() == before
     assert _eval(pair, run, 3) == 0
     rows = load_rows(run / "rows.jsonl")
-    assert (run / "rows.jsonl").read_text().startswith(before) and len(rows) == 9
-    assert {r["example_id"] for r in rows[6:]} == {"test-2"}
+    methods = len(METHODS.split(","))
+    assert (run / "rows.jsonl").read_text().startswith(before) and len(rows) == 3 * methods
+    assert {r["example_id"] for r in rows[2 * methods:]} == {"test-2"}

@@ -2,10 +2,13 @@
 
 A tiny random pair (11 tokens, `build_tiny_vllm_pair`) runs in vLLM with a draft model,
 2 speculative tokens and probabilistic draft sampling. Thousands of requests from one prompt,
-`exact` and `static:0.5` interleaved in the same batches, emit two tokens each: the first comes
-from vLLM's prefill sampler (p), the second from the first verification, whose law is the
-method's verification target v(p, q). Theory is enumerated from the same models with
-transformers; a chi-square test must accept each method's own law and reject the other's.
+`exact`, `static:0.5` and a guarded `static:0.5` interleaved in the same batches, emit two
+tokens each: the first comes from vLLM's prefill sampler (p), the second from the first
+verification, whose law is the method's verification target v(p, q). Theory is enumerated from
+the same models with transformers; a chi-square test must accept each method's own law and
+reject the others'. The guard watches the stop tokens the worker reads from vLLM (EOS, which
+vLLM keeps in `all_stop_token_ids` under `ignore_eos` too); its threshold guards the second
+position after some first tokens and not after others.
 
 Needs vLLM (the environment scripts/setup_vllm.sh builds); skipped where it is not importable.
 """
@@ -20,6 +23,8 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup_vllm.sh builds its environment)")
 
+from diversed.guard import Guarded, vocabulary_of  # noqa: E402
+from diversed.methods import make_verifier  # noqa: E402
 from diversed.testing import build_tiny_vllm_pair  # noqa: E402
 from diversed.verifiers import EMPTY_CONTEXT, Exact, StaticEnsemble  # noqa: E402
 
@@ -27,7 +32,11 @@ from .test_engine_statistics import chi_square_pvalue  # noqa: E402
 
 PROMPT = [5, 6, 7]
 REQUESTS = 3000  # per method
-METHODS = {"exact": ({"method": "exact"}, Exact()), "static:0.5": ({"method": "static", "weight": 0.5}, StaticEnsemble(0.5))}
+# Between the pair's EOS masses max(p(EOS), q(EOS)) after the 11 first tokens: guards about half of them.
+GUARD_TAU = 0.083
+METHODS = {"exact": {"method": "exact"}, "static:0.5": {"method": "static", "weight": 0.5},
+           "static:0.5 guarded": {"method": "static", "weight": 0.5, "guard": GUARD_TAU}}
+REAL_PAIR_METHODS = {"exact": ({"method": "exact"}, Exact()), "static:0.5": ({"method": "static", "weight": 0.5}, StaticEnsemble(0.5))}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +58,22 @@ def llm(pair):
     )
 
 
-def theory(pair, verifier) -> dict[tuple[int, int], float]:
-    """P(first token, second token): p at the prompt, then the verifier's emitted law after it."""
+@pytest.fixture(scope="module")
+def verifiers(pair):
+    """Each method's verifier; the guarded one with the vocabulary vLLM's worker builds: the served
+    model's tokenizer, and the request's `all_stop_token_ids` (here EOS) with the tokenizer's EOS id."""
+    from transformers import AutoTokenizer
+
+    from diversed.integrations.vllm.requests import guard_vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pair[0]))
+    guarded = make_verifier("static", weight=0.5, guard=GUARD_TAU, vocabulary=guard_vocabulary(tokenizer, {tokenizer.eos_token_id}))
+    return {"exact": Exact(), "static:0.5": StaticEnsemble(0.5), "static:0.5 guarded": guarded}
+
+
+@pytest.fixture(scope="module")
+def distributions(pair):
+    """p at the prompt [V]; p and q after the prompt and each first token x ([V, V], row x)."""
     from transformers import AutoModelForCausalLM
 
     target, draft = (AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32) for path in pair)
@@ -59,6 +82,12 @@ def theory(pair, verifier) -> dict[tuple[int, int], float]:
         contexts = torch.tensor([PROMPT + [x] for x in range(p1.shape[0])])
         p2 = target(contexts).logits[:, -1].softmax(-1).double()  # [V, V]: row x is p after PROMPT + [x]
         q2 = draft(contexts).logits[:, -1].softmax(-1).double()
+    return p1, p2, q2
+
+
+def theory(distributions, verifier) -> dict[tuple[int, int], float]:
+    """P(first token, second token): p at the prompt, then the verifier's emitted law after it."""
+    p1, p2, q2 = distributions
     emitted = verifier.tables(p2, q2, EMPTY_CONTEXT).emitted  # [V, V]
     return {(x, y): float(p1[x] * emitted[x, y]) for x in range(p1.shape[0]) for y in range(p1.shape[0])}
 
@@ -69,7 +98,7 @@ def samples(llm):
 
     names = list(METHODS)
     requests = [names[i % len(names)] for i in range(REQUESTS * len(names))]  # interleaved: methods share batches
-    params = [SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True, extra_args={"speculative": METHODS[name][0]}) for name in requests]
+    params = [SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True, extra_args={"speculative": METHODS[name]}) for name in requests]
     outputs = llm.generate([{"prompt_token_ids": PROMPT}] * len(requests), params, use_tqdm=False)
     counts: dict[str, dict] = {name: {} for name in names}
     for name, output in zip(requests, outputs):
@@ -79,13 +108,30 @@ def samples(llm):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_vllm_emits_the_methods_law(pair, samples, name):
-    assert chi_square_pvalue(samples[name], theory(pair, METHODS[name][1]), REQUESTS) > 1e-4
+def test_vllm_emits_the_methods_law(distributions, verifiers, samples, name):
+    assert chi_square_pvalue(samples[name], theory(distributions, verifiers[name]), REQUESTS) > 1e-4
 
 
-def test_the_law_test_rejects_a_wrong_law(pair, samples):
-    assert chi_square_pvalue(samples["static:0.5"], theory(pair, Exact()), REQUESTS) < 1e-6
-    assert chi_square_pvalue(samples["exact"], theory(pair, StaticEnsemble(0.5)), REQUESTS) < 1e-6
+def test_the_law_test_rejects_a_wrong_law(distributions, verifiers, samples):
+    laws = {name: theory(distributions, verifier) for name, verifier in verifiers.items()}
+    for name in METHODS:
+        for other in METHODS:
+            if other != name:
+                assert chi_square_pvalue(samples[name], laws[other], REQUESTS) < 1e-6, (name, other)
+
+
+def test_the_guard_is_the_workers_and_changes_the_law(distributions, verifiers, samples):
+    """The worker built the guard the theory uses (same tokenizer, same stop ids), and it matters here."""
+    from diversed.integrations.vllm.plugin import built_verifiers
+
+    guarded = verifiers["static:0.5 guarded"]
+    assert isinstance(guarded, Guarded) and guarded in built_verifiers()
+    _, p2, q2 = distributions
+    assert 0 < int(guarded.guarded(p2, q2).sum()) < p2.shape[0]  # some first tokens are followed by a guarded position, not all
+    laws = {name: theory(distributions, verifier) for name, verifier in verifiers.items()}
+    for other in ("static:0.5", "exact"):
+        distance = 0.5 * sum(abs(laws["static:0.5 guarded"][key] - laws[other][key]) for key in laws[other])
+        assert distance > 0.1, (other, distance)
 
 
 def test_bad_requests_get_one_clear_error(llm):
@@ -96,6 +142,7 @@ def test_bad_requests_get_one_clear_error(llm):
         "speculative.method": {"method": "statc"},
         "speculative.weight": {"method": "static", "weight": 1.5},
         "speculative.wieght": {"method": "static", "wieght": 0.5},
+        "speculative.guard": {"method": "static", "weight": 0.5, "guard": 1.5},
     }
     for field, options in cases.items():
         with pytest.raises(VLLMValidationError, match=field.replace(".", r"\.")):
@@ -155,7 +202,7 @@ def test_vllm_acceptance_on_the_real_pair_is_the_engines():
               per_request_spec_decode_metrics="detailed",
               speculative_config={"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"})
     completions = {}
-    for name, (options, _) in METHODS.items():
+    for name, (options, _) in REAL_PAIR_METHODS.items():
         params = SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True, extra_args={"speculative": options})
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], params, use_tqdm=False)
         completions[name] = [output.outputs[0] for output in outputs]
@@ -164,7 +211,7 @@ def test_vllm_acceptance_on_the_real_pair_is_the_engines():
     target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
     draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32)
     rates = {}
-    for name, (_, verifier) in METHODS.items():
+    for name, (_, verifier) in REAL_PAIR_METHODS.items():
         accepted = expected = variance = 0.0
         count = 0
         for prompt_ids, completion in zip(prompts * 2, completions[name]):

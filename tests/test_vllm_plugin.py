@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from diversed.integrations.vllm import UnsupportedVllmError, check_vllm_version
-from diversed.integrations.vllm.requests import VLLM_METHODS, RequestError, check_usable, default_spec, request_spec
+from diversed.guard import Guarded
+from diversed.integrations.vllm.requests import (VLLM_METHODS, RequestError, check_guardable, check_usable, default_spec, guard_vocabulary,
+                                                 request_spec)
 from diversed.integrations.vllm.verification import PLACEHOLDER_TOKEN_ID, BatchLayout, verify_batch
 from diversed.methods import MethodSpec
 from diversed.verifiers import EMPTY_CONTEXT, Exact, StaticEnsemble, Verifier
@@ -115,6 +117,74 @@ def test_request_methods_are_checked_like_the_servers():
         with pytest.raises(RequestError, match="vLLM cannot verify against"):
             request_spec({"speculative": {"method": method}}, default)
     assert set(VLLM_METHODS) == {"exact", "static", "cascade", "klgate", "entgate"}
+
+
+def test_guarded_requests_are_checked_like_the_servers(monkeypatch):
+    default = MethodSpec("exact")
+    spec = request_spec({"speculative": {"method": "static", "weight": 0.5, "guard": 0.05, "guard_tokens": "####"}}, default)
+    assert spec.label == "static:0.5:0.05:####"
+    assert request_spec({"speculative": {"method": "cascade", "rule": "opt", "alpha": 0, "guard_tokens": "<digits>"}}, default).guard_tokens == "<digits>"
+    for options in ({"method": "static", "weight": 0.5, "guard": 0}, {"method": "static", "weight": 0.5, "guard": 1.5}):
+        with pytest.raises(RequestError) as caught:
+            request_spec({"speculative": options}, default)
+        assert caught.value.field == "speculative.guard"
+    monkeypatch.setenv("DIVERSED_VLLM_METHOD", "static:0.5:0.05")
+    assert default_spec().label == "static:0.5:0.05"
+
+
+def test_the_guard_watches_vllms_stop_ids_and_the_tokenizers_eos():
+    from diversed.testing import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("ab#")
+    eos = tokenizer.eos_token_id
+    # vLLM's all_stop_token_ids holds EOS even with ignore_eos; the tokenizer's EOS is added if it does not
+    assert guard_vocabulary(tokenizer, set()).stop_token_ids == (eos,)
+    assert guard_vocabulary(tokenizer, {eos, 7, 6}).stop_token_ids == tuple(sorted({eos, 6, 7}))
+    guarded = MethodSpec.parse("static:0.5:0.05")
+    check_guardable(guarded, tokenizer, set())
+    check_guardable(MethodSpec.parse("static:0.5"), None, set())  # no guard: nothing to check
+    with pytest.raises(RequestError, match="without a tokenizer") as caught:
+        check_guardable(guarded, None, {eos})
+    assert caught.value.field == "speculative.guard"
+
+    class NoEos:
+        eos_token_id = None
+
+    with pytest.raises(RequestError, match="no tokens to watch"):
+        check_guardable(guarded, NoEos(), set())
+    check_guardable(guarded, NoEos(), {3})
+    check_guardable(MethodSpec.parse("static:0.5:0.05:##"), NoEos(), set())
+
+
+def test_the_worker_builds_each_guard_once(monkeypatch):
+    """Requests alike share one verifier, whose token set is built (and the vocabulary decoded) once."""
+    from types import SimpleNamespace
+
+    from diversed import guard
+    from diversed.integrations.vllm import plugin
+    from diversed.testing import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("ab#")
+    decoded = []
+    token_texts = guard._token_texts
+    monkeypatch.setattr(guard, "_token_texts", lambda t: decoded.append(t) or token_texts(t))
+    monkeypatch.setattr(plugin, "_tokenizer", lambda model_config: tokenizer)
+    monkeypatch.setattr(plugin, "_VERIFIERS", plugin.OrderedDict())
+    runner = SimpleNamespace(model_config=None)
+    default = MethodSpec("exact")
+
+    def request(options, stop_ids=(1,)):
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"speculative": options}, all_stop_token_ids=set(stop_ids)))
+
+    options = {"method": "static", "weight": 0.5, "guard": 0.05, "guard_tokens": "#"}
+    first, second = (plugin._request_verifier(runner, request(options), default) for _ in range(2))
+    assert isinstance(first, Guarded) and first is second
+    assert first.token_ids == tuple(sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("#")}))
+    other = plugin._request_verifier(runner, request(options, stop_ids=(1, 5)), default)  # its own stop ids: its own guard
+    assert other is not first and 5 in other.token_ids
+    assert len(decoded) == 1  # the vocabulary's texts, once per tokenizer
+    assert plugin._request_verifier(runner, request({"method": "static", "weight": 0.5}), default) == StaticEnsemble(0.5)
+    assert plugin._request_verifier(runner, request({"method": "exact"}), default) is None
 
 
 def test_relaxed_methods_need_sampled_drafts():

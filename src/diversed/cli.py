@@ -9,6 +9,8 @@ the rest of the library, so only the module of the command being run is imported
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
 import sys
 
@@ -54,6 +56,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _skip_final_collection()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
     args = parser.parse_args(argv)
@@ -67,6 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+_exit_hook: list[bool] = []
+
+
+def _skip_final_collection() -> None:
+    """Have the interpreter's exit skip its last garbage collection, a walk over every object
+    torch and transformers created, made only to free memory the OS takes back anyway.
+
+    At exit (after the other exit handlers, registered later, have run: they run last in
+    first out) the collector is frozen; objects are still released by their reference counts,
+    and `weakref.finalize` callbacks still run.
+    """
+    if not _exit_hook:
+        atexit.register(gc.freeze)
+        _exit_hook.append(True)
 
 
 if __name__ == "__main__":

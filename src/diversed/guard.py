@@ -16,7 +16,10 @@ guard knob (`static:0.5:0.05`, `--guard 0.05`, `speculative.guard`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -62,11 +65,31 @@ def named_strings(text: str) -> list[str]:
 def guarded_token_ids(vocabulary: GuardVocabulary, named: str) -> tuple[int, ...]:
     """The token set G: the stop tokens, and for each named string every token whose text holds it
     (so `####` also covers ` ####`) plus the first token of its own encoding (a string longer
-    than any token). `<digits>` names every token with a decimal digit."""
+    than any token). `<digits>` names every token with a decimal digit.
+
+    Built once per (tokenizer, stop ids, named strings) and cached with the tokenizer (a vLLM
+    worker builds a verifier per request; the vocabulary's texts are decoded once per tokenizer)."""
+    cache = _cache_of(vocabulary.tokenizer)
+    if cache is None:
+        return _guarded_token_ids(vocabulary, named, _token_texts)
+    key = (vocabulary.stop_token_ids, named)
+    with _LOCK:
+        if key in cache.sets:
+            cache.sets.move_to_end(key)
+            return cache.sets[key]
+    ids = _guarded_token_ids(vocabulary, named, cache.texts)
+    with _LOCK:
+        cache.sets[key] = ids
+        while len(cache.sets) > _SETS_PER_TOKENIZER:
+            cache.sets.popitem(last=False)
+    return ids
+
+
+def _guarded_token_ids(vocabulary: GuardVocabulary, named: str, texts_of) -> tuple[int, ...]:
     ids = set(vocabulary.stop_token_ids)
     strings = named_strings(named)
     if strings:
-        texts = _token_texts(vocabulary.tokenizer)
+        texts = texts_of(vocabulary.tokenizer)
         for string in strings:
             if string == DIGITS:
                 ids.update(i for i, text in enumerate(texts) if _DIGIT.search(text))
@@ -85,6 +108,38 @@ def _token_texts(tokenizer: Any) -> list[str]:
     return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
 
 
+class _TokenizerCache:
+    """What the guard derives from one tokenizer: its token texts (decoded on first use) and token sets."""
+
+    def __init__(self) -> None:
+        self._texts: list[str] | None = None
+        self.sets: OrderedDict[tuple[tuple[int, ...], str], tuple[int, ...]] = OrderedDict()
+
+    def texts(self, tokenizer: Any) -> list[str]:
+        if self._texts is None:
+            self._texts = _token_texts(tokenizer)
+        return self._texts
+
+
+# Token sets kept per tokenizer: requests may name their own stop ids and strings, so the cache is
+# bounded (least recently used goes first); a tokenizer's entry goes with the tokenizer.
+_SETS_PER_TOKENIZER = 256
+_CACHES: "weakref.WeakKeyDictionary[Any, _TokenizerCache]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _cache_of(tokenizer: Any) -> _TokenizerCache | None:
+    """The tokenizer's cache, or None for one that cannot key a weak dictionary (then nothing is cached)."""
+    try:
+        with _LOCK:
+            cache = _CACHES.get(tokenizer)
+            if cache is None:
+                cache = _CACHES[tokenizer] = _TokenizerCache()
+            return cache
+    except TypeError:
+        return None
+
+
 @dataclass(frozen=True)
 class Guarded(Verifier):
     """Exact verification where max(p(G), q(G)) >= threshold, `inner`'s verification elsewhere.
@@ -97,6 +152,8 @@ class Guarded(Verifier):
     token_ids: tuple[int, ...]
     threshold: float = GUARD.default
     tokens: str = ""  # the named strings as given (what `describe` shows)
+    # token_ids as a tensor per device, made on first use: `guarded` runs at every verification
+    _ids: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         GUARD.check(self.threshold)
@@ -116,7 +173,9 @@ class Guarded(Verifier):
 
     def guarded(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Which positions are verified exactly. p, q: [N, V] -> bool [N]."""
-        ids = torch.tensor(self.token_ids, device=p.device)
+        ids = self._ids.get(p.device)
+        if ids is None:
+            ids = self._ids[p.device] = torch.tensor(self.token_ids, device=p.device)
         ids = ids[ids < p.shape[-1]]  # a tokenizer may name ids past a model's vocabulary
         mass = torch.maximum(p.index_select(-1, ids).sum(-1), q.index_select(-1, ids).sum(-1))  # [N]
         return mass >= self.threshold

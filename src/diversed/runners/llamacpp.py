@@ -15,13 +15,14 @@ import ctypes
 import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from ..embedded import EMBEDDED, gguf_path, load_gguf_tokenizer, vocabulary_fingerprint
+from ..embedded import EMBEDDED, gguf_path, gguf_tokenizer_folder, load_gguf_tokenizer, vocabulary_fingerprint
 from ..errors import ModelLoadError, UserInputError
 from .base import Backend, ModelFacts
 
@@ -54,8 +55,23 @@ def _silence_llama_logs(llama_cpp: Any) -> None:
     global _log_callback
     with _quiet_once:
         if _log_callback is None:
-            _log_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+            _log_callback = _native_no_op(llama_cpp) or llama_cpp.llama_log_callback(lambda level, text, user_data: None)
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def _native_no_op(llama_cpp: Any) -> Any:
+    """A log callback in C that does nothing, or None where libc cannot be opened.
+
+    llama.cpp calls its log callback on the loading thread for each of its loader lines; a
+    Python callback takes the GIL for each, so a load running beside Python work (the
+    tokenizer, `load_llamacpp_model`) would stall on every line. libc's `getpagesize` reads
+    nothing and changes nothing, and the C calling conventions leave unused arguments to the
+    caller, so it serves as a callback that needs no GIL.
+    """
+    try:
+        return ctypes.cast(ctypes.CDLL(None).getpagesize, llama_cpp.llama_log_callback)
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 class LlamaCppModel:
@@ -350,13 +366,29 @@ def _release(model: LlamaCppModel, llama_cpp: Any, resources: list[Any]) -> None
 
 
 def load_llamacpp_model(spec: str) -> tuple[LlamaCppModel, Any, str]:
-    """(LlamaCppModel, tokenizer, name); a one-line error without a GGUF."""
+    """(LlamaCppModel, tokenizer, name); a one-line error without a GGUF.
+
+    The weights load in C, which releases the GIL, so they load on a thread while this one
+    reads the tokenizer (Python). A tokenizer not yet converted loads after the weights, as
+    everything did before: a file llama.cpp refuses then writes no tokenizer to the cache.
+    """
     import_llama_cpp()  # fail first with the install hint
     path = gguf_path(spec)
     if path is None:
         raise UserInputError(_no_gguf(spec))
     name = spec if spec in EMBEDDED else path.stem
-    return LlamaCppModel(path), load_gguf_tokenizer(path), name
+    if gguf_tokenizer_folder(path) is None:
+        return LlamaCppModel(path), load_gguf_tokenizer(path), name
+    with ThreadPoolExecutor(1, thread_name_prefix="llama.cpp load") as pool:
+        weights = pool.submit(LlamaCppModel, path)
+        try:
+            tokenizer, failed = load_gguf_tokenizer(path), None
+        except BaseException as exc:  # noqa: BLE001  (raised below, after the weights' own error if any)
+            tokenizer, failed = None, exc
+        model = weights.result()  # the weights' error first, as when the weights loaded first
+    if failed is not None:
+        raise failed
+    return model, tokenizer, name
 
 
 def _no_gguf(spec: str) -> str:

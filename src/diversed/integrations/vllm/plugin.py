@@ -7,7 +7,8 @@ Four seams, each a thin wrapper around the vLLM function it names:
 2. `ChatCompletionRequest/CompletionRequest.to_sampling_params` (OpenAI server): the body's
    `speculative` object becomes `extra_args["speculative"]`.
 3. `GPUModelRunner._sample` (worker; vLLM's CPU runner inherits it): the batch's verifiers, in
-   batch order, one per request, for the step's rejection sampling.
+   batch order, one per request, for the step's rejection sampling. A guarded request's verifier
+   reads the worker's tokenizer (loaded once per process) and the request's stop token ids.
 4. `rejection_sampler.rejection_sample` (worker): requests with a relaxed method are verified by
    `verification.verify_batch`; `exact` and greedy requests keep vLLM's own kernels.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -33,6 +35,11 @@ log = logging.getLogger("diversed.vllm")
 _BATCH_VERIFIERS: contextvars.ContextVar[list | None] = contextvars.ContextVar("diversed_batch_verifiers", default=None)
 _INSTALLED = False
 _VERIFIER_ATTRIBUTE = "_diversed_verifier"  # cached on vLLM's per-request state
+# This worker process's verifiers by (method, stop ids of a guarded one): requests alike share one
+# object (one group in verify_batch, one guarded token set). Bounded: stop ids come from requests.
+_VERIFIERS: OrderedDict[tuple, Any] = OrderedDict()
+_MAX_VERIFIERS = 256
+_TOKENIZERS: dict[tuple, Any] = {}  # the worker's tokenizer, by model config, loaded on the first guarded request
 
 
 def install() -> None:
@@ -76,6 +83,8 @@ def _hook_validation(default) -> None:
         if isinstance(params, SamplingParams):
             try:
                 spec = requests.request_spec(params.extra_args, default)
+                if requests.guarded(spec):
+                    requests.check_guardable(spec, self.tokenizer, _front_end_stop_ids(params, self.generation_config_fields))
                 if self.speculative_config is not None:
                     requests.check_usable(spec, params.temperature, draft_probs_available(self.speculative_config))
                 elif not requests.uses_vllm_rule(spec):
@@ -86,6 +95,14 @@ def _hook_validation(default) -> None:
         return result
 
     InputProcessor._validate_params = _validate_params
+
+
+def _front_end_stop_ids(params, generation_config: dict | None) -> set[int]:
+    """The stop ids vLLM will put in `all_stop_token_ids`, less the tokenizer's EOS id (added after validation)."""
+    ids = set(params.stop_token_ids or ())
+    eos = (generation_config or {}).get("eos_token_id")
+    ids.update([eos] if isinstance(eos, int) else eos or ())
+    return ids
 
 
 def _hook_openai_requests() -> None:
@@ -115,7 +132,7 @@ def _hook_model_runner(default) -> None:
     def _sample(self, logits, spec_decode_metadata):
         if spec_decode_metadata is None:
             return original(self, logits, spec_decode_metadata)
-        verifiers = [_request_verifier(self.requests[req_id], default) for req_id in self.input_batch.req_ids]
+        verifiers = [_request_verifier(self, self.requests[req_id], default) for req_id in self.input_batch.req_ids]
         token = _BATCH_VERIFIERS.set(verifiers)
         try:
             return original(self, logits, spec_decode_metadata)
@@ -125,13 +142,47 @@ def _hook_model_runner(default) -> None:
     GPUModelRunner._sample = _sample
 
 
-def _request_verifier(state, default):
+def _request_verifier(runner, state, default):
     """The request's verifier (None for exact: vLLM's own rule), resolved once per request."""
     if not hasattr(state, _VERIFIER_ATTRIBUTE):
         params = state.sampling_params
         spec = requests.request_spec(params.extra_args if params is not None else None, default)  # checked by the front end
-        setattr(state, _VERIFIER_ATTRIBUTE, None if requests.uses_vllm_rule(spec) else requests.verifier_for(spec))
+        setattr(state, _VERIFIER_ATTRIBUTE, None if requests.uses_vllm_rule(spec) else _verifier(runner, spec, params))
     return getattr(state, _VERIFIER_ATTRIBUTE)
+
+
+def _verifier(runner, spec, params):
+    """The verifier of `spec`; a guarded one watches the worker's tokenizer and the request's stop ids."""
+    vocabulary = None
+    if requests.guarded(spec):
+        stop_ids = params.all_stop_token_ids if params is not None else ()
+        vocabulary = requests.guard_vocabulary(_tokenizer(runner.model_config), stop_ids)
+    key = (spec, vocabulary.stop_token_ids if vocabulary is not None else None)
+    verifier = _VERIFIERS.get(key)
+    if verifier is None:
+        verifier = _VERIFIERS[key] = requests.verifier_for(spec, vocabulary)  # guard.py caches the token set
+        if len(_VERIFIERS) > _MAX_VERIFIERS:
+            _VERIFIERS.popitem(last=False)
+    _VERIFIERS.move_to_end(key)
+    return verifier
+
+
+def _tokenizer(model_config):
+    """vLLM's tokenizer of the served model, loaded once per worker process (the front end loads its own)."""
+    key = (model_config.tokenizer, model_config.tokenizer_revision, model_config.tokenizer_mode)
+    if key not in _TOKENIZERS:
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        tokenizer = cached_tokenizer_from_config(model_config)
+        if tokenizer is None:  # skip_tokenizer_init: the front end refuses guarded requests then
+            raise RuntimeError("a guarded request reached a vLLM worker that runs without a tokenizer")
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
+
+
+def built_verifiers() -> list:
+    """The verifiers this worker process has built for relaxed requests (the law test reads them)."""
+    return list(_VERIFIERS.values())
 
 
 def _hook_rejection_sample() -> None:

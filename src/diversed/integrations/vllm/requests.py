@@ -10,12 +10,12 @@ head- and hidden-state methods, and rules that are not a target (lenient, typica
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import ValidationError
 
 from ...errors import UserInputError
-from ...guard import GUARD_KNOBS, GuardVocabulary, guard_given
+from ...guard import GUARD, GuardVocabulary, guard_given, named_strings, vocabulary_of
 from ...methods import METHODS, VERIFIERS, MethodSpec, make_verifier
 from ...server.schemas import ApiError, ServerSettings, SpeculativeOptions, resolve_spec
 from ...verifiers import HEAD, HIDDEN_STATES, Exact, MixtureVerifier, Verifier
@@ -32,10 +32,6 @@ _FIELDS_VLLM_SETS = {
     "draft_length": "vLLM's --speculative-config num_speculative_tokens",
     "bias_budget": "nothing in vLLM (a bias budget needs diversed's own engine)",
 }
-# A guard (guard.py) verifies against v(p, q) like any method here, but reads the tokenizer's stop
-# and named tokens: the model runner must pass them (`verifier_for`'s vocabulary) before vLLM
-# requests may name one.
-GUARD_IN_WORKER = False
 
 
 class RequestError(ValueError):
@@ -55,9 +51,6 @@ def default_spec() -> MethodSpec:
         raise UserInputError(f"{DEFAULT_METHOD_ENV}={text!r}: {exc}") from None
     if spec.method not in VLLM_METHODS:
         raise UserInputError(f"{DEFAULT_METHOD_ENV}={text!r}: {_not_in_vllm(spec.method)}")
-    if not GUARD_IN_WORKER and guard_given(spec.given()):
-        raise UserInputError(f"{DEFAULT_METHOD_ENV}={text!r}: this vLLM plugin does not pass the tokenizer's stop tokens to its "
-                             "workers yet, so it cannot guard")
     return spec
 
 
@@ -77,10 +70,6 @@ def request_spec(extra_args: dict[str, Any] | None, default: MethodSpec) -> Meth
     for name, owner in _FIELDS_VLLM_SETS.items():
         if getattr(options, name) is not None:
             raise RequestError(f"{EXTRA_ARGS_KEY}.{name} is set by {owner}, not per request", f"{EXTRA_ARGS_KEY}.{name}")
-    if not GUARD_IN_WORKER and any(getattr(options, knob.name) is not None for knob in GUARD_KNOBS):
-        field = f"{EXTRA_ARGS_KEY}.{GUARD_KNOBS[0].name}"
-        raise RequestError(f"{field}: this vLLM plugin does not pass the tokenizer's stop tokens to its workers yet; "
-                           "guard with diversed's own engine", field)
     if options.method is not None and options.method in METHODS and options.method not in VLLM_METHODS:
         raise RequestError(f"{EXTRA_ARGS_KEY}.method {options.method!r}: {_not_in_vllm(options.method)}", f"{EXTRA_ARGS_KEY}.method")
     try:
@@ -111,6 +100,45 @@ def check_usable(spec: MethodSpec, temperature: float, draft_probs_available: bo
         raise RequestError(
             f"method {spec.label} needs temperature > 0 (at temperature 0 vLLM drafts greedily and keeps no draft "
             "probabilities); use exact, or a temperature", "temperature")
+
+
+def guarded(spec: MethodSpec) -> bool:
+    """Whether the request's method is guarded (a `guard` or `guard_tokens` knob)."""
+    return guard_given(spec.given())
+
+
+def stop_token_ids(tokenizer: Any, all_stop_token_ids: Iterable[int]) -> tuple[int, ...]:
+    """What a guard watches as the request's stop tokens: vLLM's `SamplingParams.all_stop_token_ids`
+    (the request's `stop_token_ids`, the EOS id and the generation config's EOS ids; vLLM adds the
+    EOS ids there even with `ignore_eos`) and the tokenizer's EOS id. So with `ignore_eos` the guard
+    still watches EOS: it then costs acceptance where EOS has mass and keeps the law exact there,
+    the same positions our engine guards."""
+    ids = set(all_stop_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    return tuple(sorted(ids))
+
+
+def guard_vocabulary(tokenizer: Any, all_stop_token_ids: Iterable[int]) -> GuardVocabulary:
+    """The request's `GuardVocabulary`: the worker's tokenizer and `stop_token_ids`."""
+    return vocabulary_of(tokenizer, stop_token_ids(tokenizer, all_stop_token_ids))
+
+
+def check_guardable(spec: MethodSpec, tokenizer: Any, stop_ids: Iterable[int]) -> None:
+    """A guard reads vLLM's tokenizer and needs a token to watch. RequestError if it has neither.
+
+    `stop_ids`: what the front end knows of the request's stop tokens before vLLM adds the EOS
+    ids (its `stop_token_ids`, the generation config's EOS ids)."""
+    if not guarded(spec):
+        return
+    field = f"{EXTRA_ARGS_KEY}.{GUARD.name}"
+    if tokenizer is None:
+        raise RequestError(f"{field}: the guard reads the tokenizer's stop tokens, and this vLLM runs without a tokenizer "
+                           "(skip_tokenizer_init)", field)
+    if not stop_token_ids(tokenizer, stop_ids) and not named_strings(spec.guard_tokens or ""):
+        raise RequestError(f"{field}: the guard has no tokens to watch: this tokenizer names no EOS token and the request "
+                           f"gives no stop_token_ids or {EXTRA_ARGS_KEY}.guard_tokens", field)
 
 
 def verifier_for(spec: MethodSpec, vocabulary: GuardVocabulary | None = None) -> Verifier:
