@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--vllm", type=Path, metavar="VENV", help="also measure `diversed serve --engine vllm` from this venv")
     args = parser.parse_args()
+    # A `timeout` or Ctrl-C must stop the server too: SIGTERM unwinds like SystemExit, through `served`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers = args.servers.split(",") + (["vllm"] if args.vllm and "vllm" not in args.servers else [])
     counts = [int(c) for c in args.clients.split(",")]
     print(machine_summary())
