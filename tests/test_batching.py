@@ -80,11 +80,14 @@ def test_greedy_exact_rows_make_the_targets_greedy_tokens(small_pair):
 
 
 def test_batch_plan_batches_from_the_size_that_pays():
-    # one at a time: 10 tokens/s; a lockstep step costs 0.2 s at 1 row and 0.5 s at 16 rows (0.02 s a row more)
-    plan = plan_from_costs(10.0, 0.2, 0.5, 16)
-    assert plan.min_rows == 3  # 2 rows: 2 / 0.22 = 9.1 tokens/s; 3 rows: 3 / 0.24 = 12.5
+    # Requests of 100 tokens; alone each takes 10 s. A lockstep step costs 0.2 s at 1 row and
+    # 0.5 s at 16 rows (0.02 s a row more); joining costs 0.5 s at 1 row, 0.5 s a row more.
+    plan = plan_from_costs(10.0, (0.2, 0.5), (0.5, 8.0), 16, tokens=100)
+    assert plan.min_rows == 3  # 2 rows: 200 tokens in 1.0 + 22 s (8.7/s); 3 rows: 300 in 1.5 + 24 s (11.8/s)
     assert not plan.batches(2) and plan.batches(3) and plan.batches(16)
-    assert plan_from_costs(100.0, 0.2, 0.5, 16).min_rows is None  # no batch up to 16 rows beats 100 tokens/s
+    # Dearer joins (4 s a row) push it up: 4 rows make 400 tokens in 14 + 26 s (10/s, not more); 5 rows 10.9/s.
+    assert plan_from_costs(10.0, (0.2, 0.5), (2.0, 62.0), 16, tokens=100).min_rows == 5
+    assert plan_from_costs(1.0, (0.2, 0.5), (0.5, 8.0), 16, tokens=100).min_rows is None  # nothing beats 100 tokens/s
     assert not BatchPlan(None, 16).batches(16)
 
 
@@ -148,3 +151,28 @@ def test_a_request_running_alone_moves_into_the_batch_when_others_arrive(batchin
         chunks = [first] + [line for line in lines if line.startswith("data: {")]
     assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in chunks) == long_alone
     assert service.batcher.moved >= 1
+
+
+def test_contexts_that_begin_alike_prefill_it_once_and_make_the_tokens_they_make_alone(small_pair, monkeypatch):
+    """Rows whose prompts share a long beginning (a system prompt, few-shot examples) prefill it
+    once; each row's tokens and counts are those it makes alone, joining an empty batch or a running one."""
+    from diversed import lockstep
+
+    fed: list[int] = []
+    batch_type = type(small_pair.batch("target"))
+    feed = batch_type.feed
+    monkeypatch.setattr(batch_type, "feed", lambda self, ids, *rest: fed.append(ids.numel()) or feed(self, ids, *rest))
+    shared = tuple(PREFIX) * 4  # longer than MIN_SHARED_PREFIX
+    assert len(shared) - 1 >= lockstep.MIN_SHARED_PREFIX
+    prompts = [shared + tail for tail in ((3,), (4, 5), (6, 3, 4), (5,))]
+    config = GenerationConfig(max_new_tokens=6, draft_length=2, sampling=PARAMS, ignore_eos=True)
+    rows = [LockstepRow(i, prompts[i % 4], StaticEnsemble(0.5), "m", 200 + i) for i in range(8)]
+    alone = {}
+    for row in rows:
+        (state,) = run_batch(small_pair, [new_state(small_pair, row, config)], batch_size=1)
+        alone[row.key] = state.ids
+    fed.clear()
+    together = run_batch(small_pair, [new_state(small_pair, row, config) for row in rows], batch_size=3)
+    assert {state.row.key: state.ids for state in together} == alone
+    prefill = max(fed)
+    assert prefill < 3 * len(shared)  # the shared beginning was not fed once per distinct prompt

@@ -131,10 +131,9 @@ class Batch:
     def _join(self, states: Sequence[RowState]) -> None:
         pair, device = self.pair, self.pair.device
         contexts = list(dict.fromkeys(state.context for state in states))  # distinct contexts, in order
-        ids, mask, positions = left_pad(contexts, device)  # [P, L] each
         copies = torch.tensor([contexts.index(state.context) for state in states], device=device)  # [B] context of each row
         models = [pair.batch("target"), pair.batch("draft")]
-        outputs = [model.feed(ids, mask, positions) for model in models]  # prefill: (logits [P, V], hidden [P, H]) per model
+        outputs, mask, positions = _prefill(models, contexts, device)  # (logits [P, V], hidden [P, H]) per model; [P, L] each
         for model in models:
             model.keep(copies)  # one cached copy of its context per row
         outputs = [(logits[copies], hidden[copies]) for logits, hidden in outputs]  # [B, V], [B, H]
@@ -201,6 +200,39 @@ class Batch:
         self.positions = self.positions + 1  # [A, 1]
         step_ids = torch.tensor(tokens, device=self.pair.device)[:, None]  # [A, 1]
         self.outputs = [model.feed(step_ids, self.mask, self.positions) for model in self.models]
+
+
+# Contexts that begin alike (a chat's system prompt, an evaluation's few-shot examples) prefill
+# their common beginning once, when it is at least this long (shorter, the extra forward costs
+# more than it saves).
+MIN_SHARED_PREFIX = 8
+
+
+def _prefill(models: list[Any], contexts: list[tuple[int, ...]], device: torch.device) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Feed each model the distinct `contexts` as one batch: their common beginning once (its cache
+    then copied to every row), then the rest left-padded. -> outputs at each context's last
+    token, and the cache's mask and positions, each [P, cached]."""
+    shared = _shared_prefix(contexts)
+    if len(contexts) < 2 or shared < MIN_SHARED_PREFIX:
+        ids, mask, positions = left_pad(contexts, device)  # [P, L] each
+        return [model.feed(ids, mask, positions) for model in models], mask, positions
+    prefix = torch.tensor([contexts[0][:shared]], device=device)  # [1, S]
+    for model in models:
+        model.feed(prefix, torch.ones_like(prefix), torch.arange(shared, device=device)[None])
+        model.keep(torch.zeros(len(contexts), dtype=torch.long, device=device))  # [P] copies of the prefix
+    ids, rest_mask, rest_positions = left_pad([context[shared:] for context in contexts], device)  # [P, L - S] each
+    mask = torch.cat([rest_mask.new_ones(len(contexts), shared), rest_mask], dim=-1)  # [P, L]: prefix, padding, the rest
+    positions = torch.cat([torch.arange(shared, device=device).expand(len(contexts), shared), rest_positions + shared], dim=-1)  # [P, L]
+    return [model.feed(ids, mask, positions[:, shared:]) for model in models], mask, positions
+
+
+def _shared_prefix(contexts: list[tuple[int, ...]]) -> int:
+    """The length of the contexts' common beginning, leaving every context at least one token of its own."""
+    shortest = min(len(context) for context in contexts)
+    length = 0
+    while length < shortest - 1 and all(context[length] == contexts[0][length] for context in contexts):
+        length += 1
+    return length
 
 
 def _charge(states: Sequence[RowState], seconds: float) -> None:

@@ -41,20 +41,25 @@ class BatchPlan:
 
     min_rows: int | None  # None: never (one at a time is faster at every batch size up to max_rows)
     max_rows: int
-    solo_tokens_per_second: float = 0.0  # what the measurement found (shown in /health)
-    batch_step_seconds: tuple[float, float] = (0.0, 0.0)  # a lockstep step's cost at 1 row and at max_rows
+    measured: dict = field(default_factory=dict)  # what the decision came from (shown in /health)
 
     def batches(self, rows: int) -> bool:
         return self.min_rows is not None and rows >= self.min_rows
 
 
-def plan_from_costs(solo_tokens_per_second: float, step_at_one: float, step_at_max: float, max_rows: int) -> BatchPlan:
-    """The smallest batch whose aggregate tokens/s (B / step(B), step linear in B between the two
-    measured sizes) beats one request at a time; None when no batch up to `max_rows` does."""
-    slope = (step_at_max - step_at_one) / max(max_rows - 1, 1)
+def plan_from_costs(solo_seconds: float, steps: tuple[float, float], joins: tuple[float, float], max_rows: int, tokens: int) -> BatchPlan:
+    """The smallest batch whose aggregate tokens/s beats one request at a time, for requests of
+    `tokens` tokens: B requests together take join(B) + tokens * step(B) (both linear in B between
+    the sizes measured, 1 and `max_rows`); alone, each takes `solo_seconds`. None when no batch up
+    to `max_rows` pays."""
+    def at(costs: tuple[float, float], rows: int) -> float:
+        return costs[0] + (costs[1] - costs[0]) * (rows - 1) / max(max_rows - 1, 1)
+
     min_rows = next((rows for rows in range(2, max_rows + 1)
-                     if rows / (step_at_one + slope * (rows - 1)) > solo_tokens_per_second), None)
-    return BatchPlan(min_rows, max_rows, solo_tokens_per_second, (step_at_one, step_at_max))
+                     if rows * tokens / (at(joins, rows) + tokens * at(steps, rows)) > tokens / solo_seconds), None)
+    measured = {"tokens": tokens, "solo_seconds": round(solo_seconds, 3), "step_seconds": [round(x, 4) for x in steps],
+                "join_seconds": [round(x, 4) for x in joins]}
+    return BatchPlan(min_rows, max_rows, measured)
 
 
 def batched_config(config: GenerationConfig, max_draft_length: int) -> GenerationConfig:
@@ -277,27 +282,36 @@ MEASURED_TOKENS = 16  # tokens of the solo generation that measures one-at-a-tim
 MEASURED_STEPS = 4  # lockstep steps timed at each batch size (after one untimed)
 
 
-def measure_plan(solo: Generation, batch_pair: ModelPair, max_rows: int, max_draft_length: int) -> BatchPlan:
-    """Time one-at-a-time decoding (`solo`, a generation of the server's default method) and a
-    lockstep step at 1 and at `max_rows` rows of the same prompt on `batch_pair`; the plan
-    batches from the smallest size whose aggregate speed is higher."""
+def measure_plan(solo: Generation, batch_pair: ModelPair, max_rows: int, max_draft_length: int, tokens: int) -> BatchPlan:
+    """Time `solo` (a generation of the server's default method) alone: its first text and then
+    MEASURED_TOKENS tokens; and on `batch_pair`, at 1 and `max_rows` rows, the join of that many
+    distinct prompts that begin alike (its prompt, then a few tokens of their own) and a lockstep
+    step. The plan batches from the smallest size whose aggregate speed for requests of `tokens`
+    tokens is higher (`plan_from_costs`)."""
     config = dataclasses.replace(solo.config, max_new_tokens=MEASURED_TOKENS, ignore_eos=True, stop=())
     solo = dataclasses.replace(solo, config=config, metrics=Metrics(), result=None, text=None)
     started = time.perf_counter()
+    first = None
     for _ in solo:
-        pass
-    solo_speed = MEASURED_TOKENS / (time.perf_counter() - started)
+        first = first or time.perf_counter() - started
+    total = time.perf_counter() - started
+    first = first or total
+    solo_seconds = first + (tokens - 1) * (total - first) / max(len(solo.text.ids) - 1, 1)
     if max_rows < 2:
-        return BatchPlan(None, max_rows, solo_speed)
+        return BatchPlan(None, max_rows, {"solo_seconds": round(solo_seconds, 3)})
     row_config = batched_config(dataclasses.replace(config, max_new_tokens=MEASURED_STEPS + 2), max_draft_length)
-    costs = []
+    prompt = tuple(solo.prompt_ids)
+    steps, joins = [], []
     for rows in (1, max_rows):
         batch = Batch(batch_pair)
-        batch.join([new_state(batch_pair, LockstepRow(i, tuple(solo.prompt_ids), solo.verifier, solo.method, i), row_config)
-                    for i in range(rows)])
+        states = [new_state(batch_pair, LockstepRow(i, prompt + prompt[-1:] * i, solo.verifier, solo.method, i), row_config)
+                  for i in range(rows)]
+        started = time.perf_counter()
+        batch.join(states)
         list(batch.step())
+        joins.append(time.perf_counter() - started)
         started = time.perf_counter()
         for _ in range(MEASURED_STEPS):
             list(batch.step())
-        costs.append((time.perf_counter() - started) / MEASURED_STEPS)
-    return plan_from_costs(solo_speed, costs[0], costs[1], max_rows)
+        steps.append((time.perf_counter() - started) / MEASURED_STEPS)
+    return plan_from_costs(solo_seconds, (steps[0], steps[1]), (joins[0], joins[1]), max_rows, tokens)

@@ -95,7 +95,7 @@ class GenerationService:
         if self.batcher is not None:
             # When batching pays, measured here: the default method alone against lockstep steps.
             self.batcher.plan = measure_plan(self._start_generation(prepared, batched=False), self.batcher.batch_pair,
-                                             settings.max_batch, settings.max_draft_length)
+                                             settings.max_batch, settings.max_draft_length, settings.defaults.max_new_tokens)
             self.telemetry.batch_from.set(self.batcher.plan.min_rows or 0)
         seconds = time.perf_counter() - started
         self.telemetry.warmup_seconds.set(seconds)
@@ -174,6 +174,4 @@ class GenerationService:
         if self.batcher is None:
             return None
         plan = self.batcher.plan
-        return {"from_requests": plan.min_rows, "max_rows": plan.max_rows, "rows_now": self.batcher.rows,
-                "solo_tokens_per_second": round(plan.solo_tokens_per_second, 2),
-                "step_seconds": {"1": round(plan.batch_step_seconds[0], 4), str(plan.max_rows): round(plan.batch_step_seconds[1], 4)}}
+        return {"from_requests": plan.min_rows, "max_rows": plan.max_rows, "rows_now": self.batcher.rows, "measured": plan.measured}
