@@ -159,9 +159,6 @@ class BatchWorker:
             elif self.waiting:
                 self._start()
 
-    def _in_flight(self) -> int:
-        return len(self.waiting) + len(self.batched)
-
     def _drop_gone(self) -> None:
         """Requests whose client left (or whose time ran out) leave the queue and the batch."""
         with self._wake:
