@@ -102,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _lockstep_batch(args: argparse.Namespace, config: GenerationConfig) -> int | None:
     """Rows per lockstep step, or None for one timed generation at a time: `--lockstep`'s batch, or
-    by default lockstep's own wherever it has the engine's law (evaluate/lockstep.py)."""
+    by default lockstep's own wherever it has the engine's law (lockstep.py)."""
     if args.sequential:
         if args.lockstep is not None:
             raise UserInputError("--sequential and --lockstep contradict each other; choose one")

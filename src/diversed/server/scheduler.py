@@ -2,7 +2,9 @@
 
 One model instance, one generation at a time on a single worker thread (the event loop never
 runs the model), at most `queue_size` requests waiting behind it (more get 429), a deadline per
-request, and a client that goes away cancels its generation at the next round.
+request, and a client that goes away cancels its generation at the next round. Where requests
+may decode together, the batch worker (batching.py) runs the models instead, and each job's
+thread only relays its deltas.
 """
 
 from __future__ import annotations
