@@ -171,3 +171,30 @@ def test_rescoring_runs_the_sandbox_and_records_what_changed(tmp_path):
     assert scores == {"exact": 1.0, "static:0.9": 0.0}
     record, stale = confirmatory.rescoring(plan, tmp_path)
     assert stale == [] and {(c["method"], c["old"], c["new"]) for c in record["humaneval"]["changed"]} == {("exact", 0.0, 1.0), ("static:0.9", 1.0, 0.0)}
+
+
+def test_second_run_analysis_finds_the_non_inferior_arm_on_made_up_rows(tmp_path, monkeypatch):
+    """Made-up rows: G scores as `exact` does on every problem and sample with more acceptance,
+    S loses where exact is right on 3 problems in 10; G passes the written rule on both tasks, S does not; progress mode counts rows only."""
+    import confirmatory2
+
+    plan = {"seed_base": 7, "reference": "exact", "alpha": 0.05, "holm_family": 4, "non_inferiority_margin": 0.05, "acceptance_gain": 0.1,
+            "bootstrap": {"resamples": 500, "seed": 1}, "arms": {"G": {"a": "g", "b": "g"}, "S": {"a": "s", "b": "s"}},
+            "tasks": {"a": {"n": 40, "samples": 2}, "b": {"n": 40, "samples": 3}}}
+    monkeypatch.setattr(confirmatory2, "FOLDER", tmp_path)
+    for task, spec in plan["tasks"].items():
+        for k in range(spec["samples"]):
+            folder = tmp_path / task / f"seed-{7 + k}"
+            folder.mkdir(parents=True)
+            rows = []
+            for i in range(spec["n"]):
+                right = float((i + k) % 2)
+                for method, score, accepted in (("exact", right, 6), ("g", right, 9), ("s", right if i % 10 >= 3 else 0.0, 9)):
+                    rows.append({"example_id": f"{task}-{i}", "method": method, "score": score, "metrics": {"drafted": 10, "accepted": accepted}})
+            (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    found = confirmatory2.load(plan)
+    assert confirmatory2.progress(plan, found) == (3 * (2 * 40 + 3 * 40), 3 * (2 * 40 + 3 * 40))
+    result = confirmatory2.analyse(plan, found)
+    assert result["passing"] == ["G"] and result["default"] == "G"
+    assert all(result["cells"][f"G:{t}"]["non_inferior"] and result["cells"][f"G:{t}"]["difference"] == 0 for t in "ab")
+    assert not any(result["cells"][f"S:{t}"]["non_inferior"] for t in "ab")
