@@ -187,13 +187,17 @@ class Generation:
     result: GenerationResult | None = None
     text: IncrementalText | None = None  # the emitted tokens and their text, once iteration starts
 
-    def __iter__(self) -> Iterator[str]:
+    def fitted_config(self) -> GenerationConfig:
+        """The settings with max_new_tokens cut to what the context window leaves after the prompt
+        and the longest draft (a UserInputError when it leaves nothing)."""
         config = self.config
         budget = self.pair.context_window - len(self.prompt_ids) - config.longest_draft - 1
         if budget < 1:
             raise UserInputError(f"the prompt ({len(self.prompt_ids)} tokens) leaves no room in the context window ({self.pair.context_window})")
-        if config.max_new_tokens > budget:
-            config = dataclasses.replace(config, max_new_tokens=budget)
+        return dataclasses.replace(config, max_new_tokens=budget) if config.max_new_tokens > budget else config
+
+    def __iter__(self) -> Iterator[str]:
+        config = self.fitted_config()
         self.text = text = IncrementalText(self.pair.tokenizer)
         release = TextRelease(config.stop)
         finish_reason = "length"

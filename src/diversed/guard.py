@@ -16,9 +16,7 @@ guard knob (`static:0.5:0.05`, `--guard 0.05`, `speculative.guard`).
 from __future__ import annotations
 
 import re
-import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -65,31 +63,12 @@ def named_strings(text: str) -> list[str]:
 def guarded_token_ids(vocabulary: GuardVocabulary, named: str) -> tuple[int, ...]:
     """The token set G: the stop tokens, and for each named string every token whose text holds it
     (so `####` also covers ` ####`) plus the first token of its own encoding (a string longer
-    than any token). `<digits>` names every token with a decimal digit.
-
-    Built once per (tokenizer, stop ids, named strings) and cached with the tokenizer (a vLLM
-    worker builds a verifier per request; the vocabulary's texts are decoded once per tokenizer)."""
-    cache = _cache_of(vocabulary.tokenizer)
-    if cache is None:
-        return _guarded_token_ids(vocabulary, named, _token_texts)
-    key = (vocabulary.stop_token_ids, named)
-    with _LOCK:
-        if key in cache.sets:
-            cache.sets.move_to_end(key)
-            return cache.sets[key]
-    ids = _guarded_token_ids(vocabulary, named, cache.texts)
-    with _LOCK:
-        cache.sets[key] = ids
-        while len(cache.sets) > _SETS_PER_TOKENIZER:
-            cache.sets.popitem(last=False)
-    return ids
-
-
-def _guarded_token_ids(vocabulary: GuardVocabulary, named: str, texts_of) -> tuple[int, ...]:
+    than any token). `<digits>` names every token with a decimal digit. The vocabulary's texts
+    are decoded once per tokenizer (`_texts`)."""
     ids = set(vocabulary.stop_token_ids)
     strings = named_strings(named)
     if strings:
-        texts = texts_of(vocabulary.tokenizer)
+        texts = _texts(vocabulary.tokenizer)
         for string in strings:
             if string == DIGITS:
                 ids.update(i for i, text in enumerate(texts) if _DIGIT.search(text))
@@ -108,36 +87,19 @@ def _token_texts(tokenizer: Any) -> list[str]:
     return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
 
 
-class _TokenizerCache:
-    """What the guard derives from one tokenizer: its token texts (decoded on first use) and token sets."""
-
-    def __init__(self) -> None:
-        self._texts: list[str] | None = None
-        self.sets: OrderedDict[tuple[tuple[int, ...], str], tuple[int, ...]] = OrderedDict()
-
-    def texts(self, tokenizer: Any) -> list[str]:
-        if self._texts is None:
-            self._texts = _token_texts(tokenizer)
-        return self._texts
+# Each tokenizer's token texts, decoded on first use: a vLLM worker builds a guard per kind of
+# request (plugin.py keeps them), and decoding a whole vocabulary costs more than the rest.
+_TEXTS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()
 
 
-# Token sets kept per tokenizer: requests may name their own stop ids and strings, so the cache is
-# bounded (least recently used goes first); a tokenizer's entry goes with the tokenizer.
-_SETS_PER_TOKENIZER = 256
-_CACHES: "weakref.WeakKeyDictionary[Any, _TokenizerCache]" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-
-
-def _cache_of(tokenizer: Any) -> _TokenizerCache | None:
-    """The tokenizer's cache, or None for one that cannot key a weak dictionary (then nothing is cached)."""
+def _texts(tokenizer: Any) -> list[str]:
     try:
-        with _LOCK:
-            cache = _CACHES.get(tokenizer)
-            if cache is None:
-                cache = _CACHES[tokenizer] = _TokenizerCache()
-            return cache
-    except TypeError:
-        return None
+        texts = _TEXTS.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot key a weak dictionary: decoded each time
+        return _token_texts(tokenizer)
+    if texts is None:
+        texts = _TEXTS[tokenizer] = _token_texts(tokenizer)
+    return texts
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ class ServedGeneration:
         self.deltas: queue.SimpleQueue = queue.SimpleQueue()  # str, _END or an exception, from the worker
         self.release = TextRelease(solo.config.stop)
         self.state: RowState | None = None  # set while the request decodes in the batch
+        self.batchable = False  # whether the lockstep path can run it (set by the worker at submission)
 
     def __iter__(self) -> Iterator[str]:
         self.worker.submit(self)
@@ -132,6 +133,7 @@ class BatchWorker:
         return len(self.batched)
 
     def submit(self, request: ServedGeneration) -> None:
+        request.batchable = self.can_batch(request)  # decided once: the worker asks at every step
         with self._wake:
             self.waiting.append(request)
             self._wake.notify()
@@ -173,7 +175,7 @@ class BatchWorker:
     def _start(self) -> None:
         """The batch is empty: batch the waiting requests if that pays, else run the first alone."""
         with self._wake:
-            eligible = [r for r in self.waiting if self.can_batch(r)]
+            eligible = [r for r in self.waiting if r.batchable]
         if self.plan.batches(len(eligible)):
             self._admit()
             self._step()
@@ -185,28 +187,36 @@ class BatchWorker:
     def _admit(self) -> None:
         """Waiting requests the batch can run join it, as many as fit."""
         with self._wake:
-            joining = [r for r in self.waiting if self.can_batch(r)][: self.plan.max_rows - len(self.batched)]
+            joining = [r for r in self.waiting if r.batchable][: self.plan.max_rows - len(self.batched)]
             for request in joining:
                 self.waiting.remove(request)
         if joining:
             self._join([(request, None) for request in joining])
 
     def _join(self, joining: list[tuple[ServedGeneration, RowState | None]]) -> None:
-        states = []
+        joined, states = [], []
         for request, state in joining:
             if state is None:
                 row = LockstepRow(id(request), tuple(request.prompt_ids), request.solo.verifier, request.method, request.seed)
-                state = new_state(self.batch_pair, row, batched_config(_fitted(request.solo), self.max_draft_length))
+                try:
+                    config = request.solo.fitted_config()  # a prompt that fills the context window fails here, alone
+                except Exception as error:  # noqa: BLE001 - the request gets the error; the others join
+                    request.deltas.put(error)
+                    continue
+                state = new_state(self.batch_pair, row, batched_config(config, self.max_draft_length))
                 state.metrics = request.metrics
             request.state = state
+            joined.append(request)
             states.append(state)
+        if not states:
+            return
         try:
             self.batch.join(states)
         except Exception as error:  # noqa: BLE001 - the requests get the error; the worker goes on
-            for request, _ in joining:
+            for request in joined:
                 request.deltas.put(error)
             return
-        self.batched += [request for request, _ in joining]
+        self.batched += joined
         self.peak = max(self.peak, len(self.batched))
 
     def _step(self) -> None:
@@ -241,8 +251,8 @@ class BatchWorker:
                 if request.cancel.is_set():
                     break
                 with self._wake:
-                    others = sum(1 for r in self.waiting if self.can_batch(r))
-                if others and self.can_batch(request) and self.plan.batches(others + 1) and solo.text is not None:
+                    others = sum(1 for r in self.waiting if r.batchable)
+                if others and request.batchable and self.plan.batches(others + 1) and solo.text is not None:
                     deltas.close()  # between two rounds: the state moves into the batch
                     self.moved += 1
                     self._join([(request, self._moved_state(request))])
@@ -263,16 +273,10 @@ class BatchWorker:
         emitted = list(solo.text.ids)
         row = LockstepRow(id(request), tuple(request.prompt_ids), solo.verifier, request.method,
                           derived_seed(request.seed, "batched", len(emitted), bits=63))
-        state = new_state(self.batch_pair, row, batched_config(_fitted(solo), self.max_draft_length))
+        state = new_state(self.batch_pair, row, batched_config(solo.fitted_config(), self.max_draft_length))
         state.text, state.ids, state.metrics = solo.text, emitted, request.metrics
         return state
 
-
-def _fitted(solo: Generation) -> GenerationConfig:
-    """The request's settings with max_new_tokens within the context window, as the engine trims them."""
-    config = solo.config
-    budget = solo.pair.context_window - len(solo.prompt_ids) - config.longest_draft - 1
-    return dataclasses.replace(config, max_new_tokens=max(1, min(config.max_new_tokens, budget)))
 
 
 MEASURED_TOKENS = 16  # tokens of the solo generation that measures one-at-a-time speed
