@@ -10,8 +10,10 @@ prints rows per minute, row-tokens per second and the batch's occupancy:
 - `today:B`: lockstep at batch B on the kernels transformers picks by itself (SDPA with
   grouped-query attention as it dispatches it, and a `DynamicCache` that concatenates every
   step): the evaluation path before `runners/torch_decode.py`.
-- `default:B`: lockstep at batch B on diversed's kernels (`runners/torch_decode.py`); what
-  `diversed eval` runs by default, at its default batch.
+- `unpacked:B`: lockstep at batch B on diversed's attention and KV cache, but with torch's
+  plain linear layers (a second copy of the pair, loaded without packed weights).
+- `default:B`: lockstep at batch B on diversed's kernels (`runners/torch_decode.py`, packed
+  weights where they pay); what `diversed eval` runs by default, at its default batch.
 - `--vllm VENV`: `diversed eval --engine vllm` in vLLM's environment, as a subprocess (its
   start-up is counted, and also shown apart).
 
@@ -65,7 +67,7 @@ def counted_steps(counts: list[int]):
         lockstep.Batch.step = step
 
 
-def run_path(pair, task, examples, specs, settings, batch: int, today: bool) -> dict:
+def run_path(pair, task, examples, specs, settings, batch: int, today: bool = False) -> dict:
     counts = [0, 0]
     with tempfile.TemporaryDirectory() as folder, torch_decode.transformers_kernels(pair.target, pair.draft) if today else contextlib.nullcontext(), counted_steps(counts):
         started = time.perf_counter()
@@ -95,12 +97,13 @@ def run_vllm(venv: Path, args) -> dict | str:
 
 def bf16_peak() -> float:
     """Measured bfloat16 matrix-product FLOP/s at a large batch (the practical peak of this machine's kernels)."""
-    weight, inputs = torch.randn(8960, 1536).bfloat16(), torch.randn(512, 1536).bfloat16()
+    layer = torch_decode.fastest_linear(torch.nn.Linear(1536, 8960, bias=False, dtype=torch.bfloat16))
+    inputs = torch.randn(512, 1536).bfloat16()
     with torch.inference_mode():
-        torch.nn.functional.linear(inputs, weight)
+        layer(inputs)
         started = time.perf_counter()
         for _ in range(5):
-            torch.nn.functional.linear(inputs, weight)
+            layer(inputs)
     return 5 * 2 * 512 * 1536 * 8960 / (time.perf_counter() - started)
 
 
@@ -109,9 +112,8 @@ def flops_per_row_token(pair, context: int) -> float:
     total = 0.0
     for model in (pair.target, pair.draft):
         config = model.config
-        linear = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
-        if getattr(config, "tie_word_embeddings", False):
-            linear += model.get_output_embeddings().weight.numel()
+        linear = sum(module.weight.numel() if isinstance(module, torch.nn.Linear) else module.weight_count
+                     for module in model.modules() if isinstance(module, (torch.nn.Linear, torch_decode.PackedLinear)))
         head_dim = config.hidden_size // config.num_attention_heads
         attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * context
         total += 2 * linear + attention
@@ -128,7 +130,7 @@ def main() -> int:
     parser.add_argument("--draft-length", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--paths", default="today:16,default:64", help="comma-separated PATH:BATCH, PATH one of today, default")
+    parser.add_argument("--paths", default="today:16,default:64", help="comma-separated PATH:BATCH, PATH one of today, unpacked, default")
     parser.add_argument("--context", type=int, default=400, help="tokens attended to, for the FLOP count (prompt + completion)")
     parser.add_argument("--vllm", type=Path, metavar="VENV", help="also time `diversed eval --engine vllm` from this venv")
     args = parser.parse_args()
@@ -141,14 +143,21 @@ def main() -> int:
     print(f"{machine_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
     print(f"{args.task} {args.split}: {len(examples)} examples x {args.methods}, T = 1, N = {args.draft_length}, "
           f"{args.max_new_tokens} new tokens at most\n")
-    run_path(pair, task, examples[:1], specs[:1], settings, 2, today=False)  # one-time costs (kernel set-up, sandbox)
+    run_path(pair, task, examples[:1], specs[:1], settings, 2)  # one-time costs (kernel set-up, sandbox)
+    plain_pair = None  # torch's plain linear layers, for the paths before packing; loaded once, if asked for
     print("| path | batch | rows | seconds | rows/min | row-tokens/s | occupancy | mean score | vs first |")
     print("|---|---|---|---|---|---|---|---|---|")
     first = None
     results = []
     for item in args.paths.split(","):
         name, batch = item.split(":")
-        result = run_path(pair, task, examples, specs, settings, int(batch), today=name == "today")
+        if name not in ("today", "unpacked", "default"):
+            parser.error(f"unknown path {name!r} in --paths")
+        if name != "default" and plain_pair is None:
+            with torch_decode.plain_weights():
+                plain_pair = load_pair(None, None, args.dtype, backend="torch")
+            run_path(plain_pair, task, examples[:1], specs[:1], settings, 2)
+        result = run_path(pair if name == "default" else plain_pair, task, examples, specs, settings, int(batch), today=name == "today")
         results.append(result)
         first = first or result
         print(_line(name, batch, result, first), flush=True)

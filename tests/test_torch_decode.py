@@ -3,7 +3,8 @@
 The packed grouped-query attention and the in-place KV cache change speed only: through every
 operation a batch goes through (prefill, steps with and without padding, rows leaving, copied
 and joining, leading positions dropped; a single runner's rollbacks), logits and hidden states
-equal those of transformers' SDPA dispatch with its `DynamicCache`.
+equal those of transformers' SDPA dispatch with its `DynamicCache`. Packed weights multiply as
+the plain layers do, and a model loaded with them computes the logits of one loaded without.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from diversed.runners import torch_decode
 from diversed.runners.base import left_pad
-from diversed.runners.hf import TorchBatch, TorchRunner
+from diversed.runners.hf import TorchBatch, TorchRunner, load_model
 
 CLOSE = dict(rtol=1e-5, atol=1e-5)
 
@@ -95,3 +96,43 @@ def test_crop_takes_the_negative_count_as_transformers_does():
     assert layer.get_seq_length() == 3 and layer.keys.shape == (1, 2, 3, 4)
     with pytest.raises(ValueError):
         layer.crop(2)
+
+
+needs_packing = pytest.mark.skipif(not torch_decode._packable(), reason="this torch build has no oneDNN weight packing")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_linear_multiplies_as_the_plain_one(dtype, bias):
+    linear = torch.nn.Linear(48, 80, bias=bias, dtype=dtype).requires_grad_(False)
+    packed = torch_decode.PackedLinear(linear)
+    for shape in [(1, 48), (7, 48), (3, 5, 48)]:
+        inputs = torch.randn(shape).to(dtype)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(inputs), linear(inputs))
+
+
+@needs_packing
+def test_a_model_loads_with_packed_weights_and_computes_the_plain_models_logits(tiny_model_dirs, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(torch_decode, "packing_pays", lambda dtype: True)  # the packed path, whatever this CPU measured
+    target, _ = tiny_model_dirs
+    packed, _, _ = load_model(str(target), "float32")
+    kinds = {type(module) for module in packed.modules()}
+    assert torch_decode.PackedLinear in kinds and torch.nn.Linear not in kinds  # every product, the LM head's included
+    plain = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids).logits, plain(ids).logits, **CLOSE)
+    runner = TorchRunner(packed, packed.get_output_embeddings().out_features)
+    with torch.inference_mode():
+        logits, _ = runner.feed([3, 4, 5], 1)
+        torch.testing.assert_close(logits[0], plain(torch.tensor([[3, 4, 5]])).logits[0, -1], **CLOSE)
+
+
+def test_packing_is_decided_once_per_dtype_and_never_for_others():
+    assert torch_decode.packing_pays(torch.float16) is False
+    decided = torch_decode.packing_pays(torch.bfloat16)
+    assert isinstance(decided, bool) and torch_decode.packing_pays(torch.bfloat16) is decided

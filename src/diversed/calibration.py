@@ -34,6 +34,7 @@ from .paths import calibration_file
 from .proposers import DRAFT_MODEL, ProposerKind
 from .runners import AUTO, BACKENDS, Backend, get_backend
 from .runners.hf import DEFAULT_DTYPE, DTYPES, resolve_device
+from .runners.torch_decode import BATCH_PROBE_SHAPE, fastest_linear
 
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "sve")
 PROBE_PROMPT_TOKENS = 64
@@ -208,28 +209,29 @@ def step_costs(pair, max_draft_length: int, proposer: ProposerKind = DRAFT_MODEL
     return verify_costs_from_seconds(entry["target_step"], draft_step, entry["verify"][: max_draft_length + 1])
 
 
-# The matrix product that dominates a batched decoding step: 64 rows through a 1.5B decoder's MLP.
-BATCH_PROBE_SHAPE = (64, 1536, 8960)
-
-
 def batched_dtype(device: str = "cpu") -> tuple[str, str]:
     """(torch dtype, why) whose matrix products run a batch of decoding rows fastest on this
     machine: bfloat16 where the CPU multiplies it natively, float32 where bfloat16 is emulated.
-    Measured once per machine (the dtypes' products interleaved, so load hits both alike) and cached."""
+    Each dtype is timed on the kernel the models will use (`fastest_linear`: packed weights
+    where that pays). Measured once per machine (the dtypes' products interleaved, so load hits
+    both alike) and cached."""
     if resolve_device(device).type != "cpu":
         return DEFAULT_DTYPE, f"{DEFAULT_DTYPE}, the default off the CPU"
     name, flags = cpu_description()
-    key = f"batched-dtype|{name}|{os.cpu_count()}|{','.join(flags)}|threads={torch.get_num_threads()}|torch {torch.__version__}"
+    key = f"batched-dtype-2|{name}|{os.cpu_count()}|{','.join(flags)}|threads={torch.get_num_threads()}|torch {torch.__version__}"
     entry = _read_cache().get(key)
     if entry is None:
         rows, width, height = BATCH_PROBE_SHAPE
-        operands = {dtype: (torch.randn(rows, width).to(DTYPES[dtype]), torch.randn(height, width).to(DTYPES[dtype])) for dtype in DTYPES}
+        operands = {
+            dtype: (torch.randn(rows, width).to(DTYPES[dtype]), fastest_linear(torch.nn.Linear(width, height, bias=False, dtype=DTYPES[dtype])))
+            for dtype in DTYPES
+        }
         samples: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
         with torch.inference_mode():
             for sweep in range(REPEATS + 1):
-                for dtype, (inputs, weight) in operands.items():
+                for dtype, (inputs, layer) in operands.items():
                     started = time.perf_counter()
-                    torch.nn.functional.linear(inputs, weight)
+                    layer(inputs)
                     if sweep:  # the first sweep sets the kernels up
                         samples[dtype].append(time.perf_counter() - started)
         seconds = {dtype: min(times) for dtype, times in samples.items()}

@@ -1,4 +1,4 @@
-"""How transformers' decoder runs our decoding steps on a CPU: two changes, neither touching the math.
+"""How transformers' decoder runs our decoding steps on a CPU: three changes, none touching the math.
 
 1. **Grouped-query attention for one new token, packed.** With no padding mask, transformers'
    SDPA path asks torch for `enable_gqa=True`, whose CPU kernel runs far below the matrix
@@ -12,13 +12,20 @@
    token's keys and values onto the whole cache, copying every cached position of every row at
    every step. `GrowingLayer` keeps them in buffers with room to spare and writes a step in
    place; only a row change (rows leaving, being copied or joining) copies.
+3. **Weights packed once.** torch's `linear` hands oneDNN a plain weight matrix, which it
+   reorders into its blocked layout on every call. `PackedLinear` keeps the weight in that
+   layout (the reorder torch's own compiler applies to frozen CPU graphs), so every product
+   after loading skips it. Where it pays is measured per process (`packing_pays`), since it
+   depends on the CPU and the dtype.
 
-docs/performance.md ("Lockstep batches") has the measurement behind both.
+docs/performance.md ("Lockstep batches") has the measurements behind all three.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from typing import Any, Iterator
 
 import torch
@@ -29,6 +36,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 PACKED_SDPA = "diversed_packed_sdpa"
+
+# The matrix product that dominates a batched decoding step: 64 rows through a 1.5B decoder's MLP.
+BATCH_PROBE_SHAPE = (64, 1536, 8960)
 
 
 def packed_sdpa_attention(
@@ -168,3 +178,91 @@ def transformers_kernels(*models: Any) -> Iterator[None]:
         growing_cache = own_cache
         for model, implementation in zip(models, implementations):
             model.set_attn_implementation(implementation)
+
+
+class PackedLinear(torch.nn.Module):
+    """An `nn.Linear` (inference only) whose weight oneDNN has reordered once into its blocked layout.
+
+    The product is the same kernel's on the same numbers, so outputs match the plain layer's;
+    the weight is no longer an `nn.Parameter` (no gradients, no moving between devices).
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        rows_hint = BATCH_PROBE_SHAPE[0]  # oneDNN picks its blocking for about this many rows; any count works
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)  # [out, in], opaque layout
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return torch.ops.mkldnn._linear_pointwise(inputs, self.packed, self.bias, "none", [], "")
+
+    @property
+    def weight_count(self) -> int:
+        return self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+
+
+def _packable() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+
+
+@functools.cache
+def packing_pays(dtype: torch.dtype) -> bool:
+    """Whether packed weights multiply `BATCH_PROBE_SHAPE` in `dtype` faster than torch's own
+    linear on this CPU, with the same result. Timed once per process, the two interleaved so
+    that other load slows both alike; any failure of the packed path means no."""
+    if dtype not in (torch.float32, torch.bfloat16) or not _packable():
+        return False
+    rows, width, height = BATCH_PROBE_SHAPE
+    plain = torch.nn.Linear(width, height, bias=False, dtype=dtype).requires_grad_(False)
+    inputs = torch.randn(rows, width).to(dtype)
+    try:
+        packed = PackedLinear(plain)
+        with torch.inference_mode():
+            if not torch.allclose(plain(inputs).float(), packed(inputs).float(), rtol=1e-2, atol=1e-3):
+                return False
+            seconds = {plain: [], packed: []}
+            for _ in range(3):
+                for layer, times in seconds.items():
+                    started = time.perf_counter()
+                    layer(inputs)
+                    times.append(time.perf_counter() - started)
+    except RuntimeError:
+        return False
+    return min(seconds[packed]) < min(seconds[plain])
+
+
+_packing_on = True
+
+
+@contextlib.contextmanager
+def plain_weights() -> Iterator[None]:
+    """Models loaded inside the block keep torch's plain linear layers: the baseline packing is timed against."""
+    global _packing_on
+    _packing_on = False
+    try:
+        yield
+    finally:
+        _packing_on = True
+
+
+def fastest_linear(linear: torch.nn.Linear) -> torch.nn.Module:
+    """`linear` packed where that pays on this CPU for its dtype, else `linear` itself."""
+    weight = linear.weight
+    return PackedLinear(linear) if _packing_on and weight.device.type == "cpu" and packing_pays(weight.dtype) else linear
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Every `nn.Linear` of `model` (LM head included) as `fastest_linear` makes it; -> how many were packed."""
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if type(child) is torch.nn.Linear]
+    packed = 0
+    for parent, name, child in linears:
+        fastest = fastest_linear(child)
+        if fastest is not child:
+            setattr(parent, name, fastest)
+            packed += 1
+    return packed
