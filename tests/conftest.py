@@ -13,6 +13,18 @@ from diversed.models import load_pair
 from diversed.testing import build_tiny_gguf, build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 SHARED_DATA = REPO.parent / "shared" / "data"  # the full benchmark files (whole-split checks need them)
 def _synthetic_data(folder: Path) -> Path:
     """A few made-up GSM8K and MBPP rows in the datasets' formats (no benchmark text is shipped):

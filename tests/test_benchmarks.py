@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO, FIXTURE_DATA
+from .conftest import REPO, FIXTURE_DATA, import_benchmark
 
 
 METHODS = ["hf:ar", "hf:assisted", "hf:static:0.7", "ar", "exact", "static:0.7"]
@@ -44,7 +44,7 @@ def test_speed_benchmark_runs_every_method_and_counts_hf_acceptance(tiny_model_d
 def test_hf_assisted_drafts_exactly_n_tokens(tiny_model_dirs):
     """transformers reads the draft length and confidence stop from the assistant's own
     generation_config; passing them to generate() alone left HF drafting up to 20 tokens."""
-    speed = import_speed()
+    speed = import_benchmark("speed")
     from diversed.generation import encode_prompt
     from diversed.models import load_pair
 
@@ -55,17 +55,9 @@ def test_hf_assisted_drafts_exactly_n_tokens(tiny_model_dirs):
         assert run["longest_draft"] == 3 and run["drafted"] <= 3 * run["verified_rounds"]
 
 
-def import_speed():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import speed
-    finally:
-        sys.path.pop(0)
-    return speed
-
 
 def test_hf_verification_counter_restores_transformers():
-    speed = import_speed()
+    speed = import_benchmark("speed")
     import transformers.generation.utils as hf_utils
 
     original = hf_utils._speculative_sampling

@@ -33,6 +33,19 @@ def test_save_load_round_trip(tmp_path):
     assert load_head(str(path), PAIR).config.extra["task"] == "gsm8k"  # with the suffix too
 
 
+def test_a_head_name_with_a_dot_keeps_it(tmp_path):
+    """`cascade-0.3` is a name, not a file suffix: its files are cascade-0.3.json and .safetensors."""
+    head = EnsembleHead(HeadConfig(PAIR, {"task": "gsm8k"}))
+    torch.nn.init.normal_(head.linear.weight)
+    path = head.save(tmp_path / "cascade-0.3")
+    assert path.name == "cascade-0.3.safetensors" and (tmp_path / "cascade-0.3.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cascade-0.3.json", "cascade-0.3.safetensors"]
+    head.save(tmp_path / "cascade-0.7")  # a sibling must not overwrite it
+    x_d, x_t = torch.randn(3, 4), torch.randn(3, 6)
+    assert torch.allclose(load_head(tmp_path / "cascade-0.3", PAIR)(x_d, x_t), head(x_d, x_t))
+    assert load_head(tmp_path / "cascade-0.3.json", PAIR).config.extra["task"] == "gsm8k"
+
+
 def test_loading_for_another_pair_is_an_error(tmp_path):
     EnsembleHead(HeadConfig(PAIR)).save(tmp_path / "h")
     other = PairSignature("t", "other-draft", 6, 4, 100)

@@ -71,26 +71,32 @@ class EnsembleHead(torch.nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write `path.safetensors` and `path.json`; returns the safetensors path."""
-        base = _strip_suffix(Path(path))
+        base = strip_head_suffix(Path(path))
         base.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(base.with_suffix(".safetensors")))
+        save_file(tensors, str(head_file(base, ".safetensors")))
         meta = {"format": "diversed-ensemble-head/1", "pair": asdict(self.config.pair), **self.config.extra}
-        base.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-        return base.with_suffix(".safetensors")
+        head_file(base, ".json").write_text(json.dumps(meta, indent=2) + "\n")
+        return head_file(base, ".safetensors")
 
 
-def _strip_suffix(path: Path) -> Path:
+def strip_head_suffix(path: Path) -> Path:
+    """A head's base name, from the name or either of its files."""
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def head_file(base: Path, suffix: str) -> Path:
+    """`base` + suffix: a head named `cascade-0.3` is `cascade-0.3.json`, not `cascade-0.json`."""
+    return base.with_name(base.name + suffix)
 
 
 def resolve_head_path(name_or_path: str | Path) -> Path:
     """A path (with or without suffix), or the name of a head shipped in the package."""
-    candidate = _strip_suffix(Path(name_or_path))
-    if candidate.with_suffix(".json").is_file():
+    candidate = strip_head_suffix(Path(name_or_path))
+    if head_file(candidate, ".json").is_file():
         return candidate
     shipped = SHIPPED_HEADS_DIR / str(name_or_path)
-    if shipped.with_suffix(".json").is_file():
+    if head_file(shipped, ".json").is_file():
         return shipped
     names = ", ".join(shipped_head_names()) or "none"
     raise UserInputError(f"no head at {name_or_path!r} (expected NAME.json, + NAME.safetensors for an ensemble head); shipped heads: {names}")
@@ -107,9 +113,9 @@ def load_head(name_or_path: str | Path, pair: PairSignature | None = None, targe
     different pair; with only `target` (no draft model loaded), one made for another target."""
     base = resolve_head_path(name_or_path)
     try:
-        meta = json.loads(base.with_suffix(".json").read_text())
+        meta = json.loads(head_file(base, ".json").read_text())
     except json.JSONDecodeError as exc:
-        raise UserInputError(f"{base.with_suffix('.json')} is not a head config: {exc}") from None
+        raise UserInputError(f"{head_file(base, '.json')} is not a head config: {exc}") from None
     from .judge import JudgeHead, is_judge_meta  # judge heads: one JSON file of a few numbers
 
     if isinstance(meta, dict) and is_judge_meta(meta):
@@ -120,7 +126,7 @@ def load_head(name_or_path: str | Path, pair: PairSignature | None = None, targe
     try:
         head_pair = PairSignature(**meta.pop("pair"))
     except (AttributeError, KeyError, TypeError) as exc:
-        raise UserInputError(f"{base.with_suffix('.json')} is not an ensemble-head config: {exc}") from None
+        raise UserInputError(f"{head_file(base, '.json')} is not an ensemble-head config: {exc}") from None
     meta.pop("format", None)
     if pair is not None and head_pair != pair:
         raise HeadMismatchError(
@@ -128,7 +134,7 @@ def load_head(name_or_path: str | Path, pair: PairSignature | None = None, targe
         )
     if target is not None and head_pair.target != target:
         raise HeadMismatchError(f"head {str(base)!r} was trained for the target {head_pair.target!r}, not {target!r}")
-    weights = base.with_suffix(".safetensors")
+    weights = head_file(base, ".safetensors")
     try:
         head = EnsembleHead(HeadConfig(head_pair, meta))
         head.load_state_dict(load_file(str(weights)))

@@ -34,6 +34,7 @@ from .errors import HeadMismatchError, UserInputError
 from .features import FEATURES, PROJECTION_DIMS, PROJECTION_SEED, hidden_projections, log1p_columns, position_features, regression_inputs
 from .knobs import Knob
 from .gates import LOW_WEIGHT
+from .head import head_file, strip_head_suffix
 from .verifiers import DRAFT_PROBS, HEAD, MixtureVerifier, VerifyContext, mixture
 
 FORMAT = "diversed-judge-head/1"
@@ -104,7 +105,7 @@ class JudgeHead:
             raise HeadMismatchError(f"judge head {where!r} was fitted for {self.target} / {self.draft}, not {target} / {draft or '(no draft model)'}")
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path).with_suffix(".json")
+        path = head_file(strip_head_suffix(Path(path)), ".json")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, **{k: v for k, v in asdict(self).items() if k != "extra"}, **self.extra}
         path.write_text(json.dumps(meta, indent=2) + "\n")
