@@ -12,10 +12,10 @@
    token's keys and values onto the whole cache, copying every cached position of every row at
    every step. `GrowingLayer` keeps them in buffers with room to spare and writes a step in
    place; only a row change (rows leaving, being copied or joining) copies.
-3. **Weights packed once.** torch's `linear` hands oneDNN a plain weight matrix, which it
-   reorders into its blocked layout on every call. `PackedLinear` keeps the weight in that
-   layout (the reorder torch's own compiler applies to frozen CPU graphs), so every product
-   after loading skips it. Where it pays is measured per process (`packing_pays`), since it
+3. **Weights packed once.** torch's `linear` hands oneDNN the weight in its plain layout at
+   every call. `PackedLinear` hands it the weight already in the blocked layout its kernels
+   work in (the reorder torch's own compiler applies to frozen CPU graphs), done once at
+   loading. Where it pays is measured per process (`packing_pays`), since it
    depends on the CPU and the dtype.
 
 docs/performance.md ("Lockstep batches") has the measurements behind all three.
