@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import HeadMismatchError, UserInputError
 from .knobs import Knob
+from .paths import head_file, strip_head_suffix
 from .verifiers import DRAFT_PROBS, HEAD, HIDDEN_STATES, MixtureVerifier, VerifyContext, mixture
 
 if TYPE_CHECKING:
@@ -78,16 +79,6 @@ class EnsembleHead(torch.nn.Module):
         meta = {"format": "diversed-ensemble-head/1", "pair": asdict(self.config.pair), **self.config.extra}
         head_file(base, ".json").write_text(json.dumps(meta, indent=2) + "\n")
         return head_file(base, ".safetensors")
-
-
-def strip_head_suffix(path: Path) -> Path:
-    """A head's base name, from the name or either of its files."""
-    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-
-
-def head_file(base: Path, suffix: str) -> Path:
-    """`base` + suffix: a head named `cascade-0.3` is `cascade-0.3.json`, not `cascade-0.json`."""
-    return base.with_name(base.name + suffix)
 
 
 def resolve_head_path(name_or_path: str | Path) -> Path:

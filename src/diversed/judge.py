@@ -33,8 +33,8 @@ import torch
 from .errors import HeadMismatchError, UserInputError
 from .features import FEATURES, PROJECTION_DIMS, PROJECTION_SEED, hidden_projections, log1p_columns, position_features, regression_inputs
 from .knobs import Knob
+from .paths import head_file, strip_head_suffix
 from .gates import LOW_WEIGHT
-from .head import head_file, strip_head_suffix
 from .verifiers import DRAFT_PROBS, HEAD, MixtureVerifier, VerifyContext, mixture
 
 FORMAT = "diversed-judge-head/1"
