@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from diversed import calibration
+from diversed.runners import torch_decode
 from diversed.calibration import TOLERANCE, corrected_entry
 from diversed.engine import GenerationConfig
 from diversed.generation import MethodSpec, generate
@@ -108,5 +109,5 @@ def test_the_batched_dtype_is_measured_once_and_cached(tmp_path, monkeypatch):
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(calibration, "fastest_linear", no_measuring)
+    monkeypatch.setattr(torch_decode, "fastest_linear", no_measuring)
     assert calibration.batched_dtype() == (dtype, why)

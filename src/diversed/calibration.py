@@ -34,7 +34,6 @@ from .paths import calibration_file
 from .proposers import DRAFT_MODEL, ProposerKind
 from .runners import AUTO, BACKENDS, Backend, get_backend
 from .runners.hf import DEFAULT_DTYPE, DTYPES, resolve_device
-from .runners.torch_decode import BATCH_PROBE_SHAPE, fastest_linear
 
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "sve")
 PROBE_PROMPT_TOKENS = 64
@@ -217,6 +216,9 @@ def batched_dtype(device: str = "cpu") -> tuple[str, str]:
     both alike) and cached."""
     if resolve_device(device).type != "cpu":
         return DEFAULT_DTYPE, f"{DEFAULT_DTYPE}, the default off the CPU"
+    # Imported here: the kernels need the engine's transformers, which vLLM's environment lacks.
+    from .runners.torch_decode import BATCH_PROBE_SHAPE, fastest_linear
+
     name, flags = cpu_description()
     key = f"batched-dtype-2|{name}|{os.cpu_count()}|{','.join(flags)}|threads={torch.get_num_threads()}|torch {torch.__version__}"
     entry = _read_cache().get(key)
