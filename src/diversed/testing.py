@@ -126,6 +126,7 @@ def served(serve_args: list[str], log_path: Path, *, threads: int | None = None,
     port = free_port()
     command = [python, "-m", "diversed.cli", "serve", "--port", str(port), *serve_args]
     env = dict(os.environ) if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env["PYTHONFAULTHANDLER"] = "1"  # a native crash leaves every thread's stack in the log
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -144,6 +145,8 @@ def served(serve_args: list[str], log_path: Path, *, threads: int | None = None,
             time.sleep(0.25)
         yield url
     finally:
+        if process.poll() is not None:  # it died while serving: its log says why (pytest shows stderr on failure)
+            print(f"the server had exited with {process.returncode}:\n{log_path.read_text(errors='replace')}", file=sys.stderr)
         process.terminate()
         try:
             process.wait(timeout=15)
