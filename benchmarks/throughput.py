@@ -112,7 +112,7 @@ def flops_per_row_token(pair, context: int) -> float:
     total = 0.0
     for model in (pair.target, pair.draft):
         config = model.config
-        linear = sum(module.weight.numel() if isinstance(module, torch.nn.Linear) else module.weight_count
+        linear = sum(module.in_features * module.out_features
                      for module in model.modules() if isinstance(module, (torch.nn.Linear, torch_decode.PackedLinear)))
         head_dim = config.hidden_size // config.num_attention_heads
         attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * context

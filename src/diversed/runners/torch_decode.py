@@ -197,10 +197,6 @@ class PackedLinear(torch.nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return torch.ops.mkldnn._linear_pointwise(inputs, self.packed, self.bias, "none", [], "")
 
-    @property
-    def weight_count(self) -> int:
-        return self.in_features * self.out_features
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
